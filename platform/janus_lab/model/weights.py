@@ -1,0 +1,79 @@
+"""Loading and saving Janus checkpoints in the Hugging Face layout, safetensors only.
+
+Pickle-based checkpoints (`.bin`, `.pt`, ...) can run arbitrary code when loaded, so they are
+refused; `janus_lab.model.convert` turns a trusted one into safetensors once.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import JanusForConditionalGeneration, JanusProcessor
+
+from janus_lab.model.builders import JanusBundle, freeze_vq_tokenizer
+from janus_lab.storage import download_prefix, is_s3_uri, upload_folder
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+class PickleCheckpointError(ValueError):
+    """A checkpoint folder holds only pickle weights."""
+
+
+def resolve_checkpoint(uri: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Returns a local folder for a checkpoint given as a local path or an `s3://` prefix.
+
+    Raises:
+        FileNotFoundError: the folder does not exist or has no config.json.
+        PickleCheckpointError: the weights are pickle files only.
+    """
+    folder = download_prefix(str(uri), cache_dir) if is_s3_uri(uri) else Path(uri)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"checkpoint folder {uri} does not exist")
+    if not (folder / "config.json").exists():
+        raise FileNotFoundError(f"{uri} has no config.json; expected a Hugging Face format checkpoint folder")
+    safetensors = list(folder.glob("*.safetensors"))
+    pickles = [p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
+    if not safetensors:
+        if pickles:
+            raise PickleCheckpointError(
+                f"{uri} holds pickle weights only ({', '.join(sorted(pickles)[:3])}); they can execute code "
+                "when loaded, so janus-lab reads safetensors only. Convert a trusted checkpoint once with "
+                "`python -m janus_lab.model.convert --allow-pickle SRC DST`."
+            )
+        raise FileNotFoundError(f"{uri} has no *.safetensors weights")
+    return folder
+
+
+def load_pretrained(uri: str | os.PathLike, dtype: torch.dtype | None = None,
+                    cache_dir: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> JanusBundle:
+    """Loads a Janus model and its processor from a local folder or an `s3://` prefix.
+
+    Args:
+        uri: checkpoint folder in the Hugging Face layout.
+        dtype: parameter dtype (default: as saved).
+        cache_dir: where `s3://` checkpoints are downloaded.
+        device: where the weights go.
+    """
+    folder = resolve_checkpoint(uri, cache_dir)
+    model = JanusForConditionalGeneration.from_pretrained(folder, use_safetensors=True, dtype=dtype or "auto")
+    model = model.to(device)
+    processor = JanusProcessor.from_pretrained(folder)
+    freeze_vq_tokenizer(model)
+    return JanusBundle(model=model, processor=processor, preset=f"pretrained:{uri}")
+
+
+def save_pretrained(bundle: JanusBundle, uri: str | os.PathLike) -> None:
+    """Saves model (safetensors) and processor to a local folder or an `s3://` prefix."""
+    if is_s3_uri(uri):
+        with tempfile.TemporaryDirectory(prefix="janus-export-") as tmp:
+            save_pretrained(bundle, tmp)
+            upload_folder(tmp, str(uri))
+        return
+    folder = Path(uri)
+    folder.mkdir(parents=True, exist_ok=True)
+    bundle.model.save_pretrained(folder, safe_serialization=True)
+    bundle.processor.save_pretrained(folder)

@@ -1,0 +1,108 @@
+"""Local paths and `s3://` URIs behind one small interface.
+
+S3 clients (s3fs, pyarrow, boto3) all read the standard AWS variables (`AWS_ENDPOINT_URL`,
+keys, region), so pointing the project at another object store is configuration, not code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+S3_SCHEME = "s3://"
+
+
+def is_s3_uri(uri: str | os.PathLike) -> bool:
+    """True for `s3://bucket/key` URIs."""
+    return str(uri).startswith(S3_SCHEME)
+
+
+def strip_scheme(uri: str) -> str:
+    """`s3://bucket/key` -> `bucket/key` (the form pyarrow and Ray's storage_path want)."""
+    return uri[len(S3_SCHEME):] if is_s3_uri(uri) else uri
+
+
+def s3_filesystem():
+    """An s3fs filesystem configured from the environment."""
+    import s3fs
+
+    endpoint = os.environ.get("AWS_ENDPOINT_URL")
+    client_kwargs = {"endpoint_url": endpoint} if endpoint else {}
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        client_kwargs["region_name"] = region
+    # Listings must not be served from a stale cache: shards and checkpoints appear while we run.
+    return s3fs.S3FileSystem(client_kwargs=client_kwargs, use_listings_cache=False)
+
+
+def pyarrow_filesystem(uri: str):
+    """A pyarrow filesystem and the path inside it for a local path or an `s3://` URI."""
+    from pyarrow import fs as pafs
+
+    if not is_s3_uri(uri):
+        return pafs.LocalFileSystem(), str(Path(uri).absolute())
+    endpoint = os.environ.get("AWS_ENDPOINT_URL")
+    kwargs = {"region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"}
+    if endpoint:
+        scheme, _, host = endpoint.partition("://")
+        kwargs.update(endpoint_override=host, scheme=scheme)
+    return pafs.S3FileSystem(**kwargs), strip_scheme(uri)
+
+
+def default_cache_dir() -> Path:
+    """Where downloaded checkpoints live (`JANUS_CACHE_DIR`, else ~/.cache/janus-lab)."""
+    return Path(os.environ.get("JANUS_CACHE_DIR", Path.home() / ".cache" / "janus-lab"))
+
+
+def download_prefix(uri: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Copies every object under an `s3://` prefix into a local cache folder.
+
+    The cache is reused while the remote listing (keys, sizes, ETags) is unchanged; a download
+    goes to a temporary folder first and is moved into place whole, so an interrupted download
+    is never mistaken for a complete one.
+
+    Returns:
+        The local folder mirroring the prefix.
+
+    Raises:
+        FileNotFoundError: nothing exists under the prefix.
+    """
+    fs = s3_filesystem()
+    prefix = strip_scheme(uri).rstrip("/")
+    listing = {}
+    for key, info in sorted(fs.find(prefix, detail=True).items()):
+        listing[key[len(prefix):].lstrip("/")] = [info.get("size"), str(info.get("ETag", ""))]
+    if not listing:
+        raise FileNotFoundError(f"no objects under {uri}")
+    target = Path(cache_dir or default_cache_dir()) / "s3" / prefix
+    marker = target / ".janus-download.json"
+    if marker.exists() and json.loads(marker.read_text()) == listing:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        for relative in listing:
+            local = staging / relative
+            local.parent.mkdir(parents=True, exist_ok=True)
+            fs.get_file(f"{prefix}/{relative}", str(local))
+        (staging / marker.name).write_text(json.dumps(listing))
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def upload_folder(local: str | os.PathLike, uri: str) -> None:
+    """Copies a local folder to an `s3://` prefix (files keep their relative paths)."""
+    fs = s3_filesystem()
+    prefix = strip_scheme(uri).rstrip("/")
+    root = Path(local)
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            fs.put_file(str(path), f"{prefix}/{path.relative_to(root).as_posix()}")
