@@ -64,6 +64,12 @@ class ObjectiveOutput:
     """Number of codes the generation head's argmax got right."""
     num_tokens: torch.Tensor
     """Number of supervised codes."""
+    nll_per_sample: torch.Tensor
+    """(B,) summed negative log-likelihood of each sample's codes (for per-task metrics)."""
+    correct_per_sample: torch.Tensor
+    """(B,) codes predicted right in each sample."""
+    tokens_per_sample: torch.Tensor
+    """(B,) supervised codes in each sample."""
 
     @property
     def accuracy(self) -> torch.Tensor:
@@ -82,6 +88,21 @@ class GenerationObjective(nn.Module):
         super().__init__()
         self.model = model
 
+    def _vision_trainable(self) -> bool:
+        return any(p.requires_grad for p in self.model.model.vision_model.parameters())
+
+    def _idle_vision_output(self, like: torch.Tensor) -> torch.Tensor:
+        """Runs the understanding encoder on one blank image, for batches without input images.
+
+        Data-parallel training reduces gradients per group of parameters and expects every
+        rank to produce the same set; a text-only batch on one rank beside an editing batch on
+        another would not. Adding zero times this output keeps the vision parameters in every
+        backward at the cost of one small encoder pass.
+        """
+        side = self.model.config.vision_config.image_size
+        blank = torch.zeros(1, 3, side, side, device=like.device, dtype=like.dtype)
+        return self.model.model.get_image_features(blank, return_dict=True).pooler_output.sum()
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, gen_codes: torch.Tensor,
                 labels: torch.Tensor, pixel_values: torch.Tensor | None = None) -> ObjectiveOutput:
         core = self.model.model
@@ -93,7 +114,18 @@ class GenerationObjective(nn.Module):
         # Only supervised positions go through the 16384-way head: most of an editing
         # sequence is conditioning.
         logits = core.generation_head(hidden[supervised]).float()
-        loss = F.cross_entropy(logits, targets)
+        token_nll = F.cross_entropy(logits, targets, reduction="none")
+        loss = token_nll.mean()
+        if pixel_values is None and self.training and self._vision_trainable():
+            loss = loss + 0.0 * self._idle_vision_output(embeds)
         with torch.no_grad():
-            correct = (logits.argmax(dim=-1) == targets).sum()
-        return ObjectiveOutput(loss=loss, correct=correct, num_tokens=torch.tensor(targets.numel()))
+            hits = logits.argmax(dim=-1) == targets
+            rows = supervised.nonzero()[:, 0]
+            batch = labels.shape[0]
+            per_sample = lambda values: torch.zeros(batch, device=labels.device).index_add_(  # noqa: E731
+                0, rows, values.float())
+        return ObjectiveOutput(
+            loss=loss, correct=hits.sum(), num_tokens=torch.tensor(targets.numel()),
+            nll_per_sample=per_sample(token_nll.detach()), correct_per_sample=per_sample(hits),
+            tokens_per_sample=per_sample(torch.ones_like(token_nll)),
+        )

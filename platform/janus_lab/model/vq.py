@@ -33,7 +33,7 @@ def image_to_tensor(image: Image.Image, image_size: int) -> torch.Tensor:
 
 def pixels_to_tensor(pixels: np.ndarray) -> torch.Tensor:
     """Converts uint8 HWC (or NHWC) pixels, as stored in shards, to normalised CHW floats."""
-    array = torch.as_tensor(pixels, dtype=torch.float32) / 255.0
+    array = torch.tensor(np.asarray(pixels), dtype=torch.float32) / 255.0
     array = (array - IMAGE_MEAN[0]) / IMAGE_STD[0]
     return array.movedim(-1, -3).contiguous()
 
