@@ -1,0 +1,127 @@
+"""The one thin adapter between janus-lab and MLflow.
+
+The driver opens the run (so a restarted worker group keeps logging into the same run), and
+inside training only rank 0 logs. Every call is a no-op on other ranks.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+GIT_COMMIT_TAG = "git_commit"
+
+
+def git_commit(repo: str | os.PathLike | None = None) -> str:
+    """The current commit of the repository the code runs from, or "unknown"."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo or Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def resolve_tracking_uri(configured: str | None) -> str:
+    """The configured tracking URI, else MLFLOW_TRACKING_URI, else a local SQLite file."""
+    return configured or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').absolute()}"
+
+
+def ensure_experiment(client, name: str) -> str:
+    """The id of an experiment, created if needed.
+
+    Uses the client rather than `mlflow.set_experiment`, which exports MLFLOW_EXPERIMENT_ID
+    and silently redirects other runs in the process.
+    """
+    experiment = client.get_experiment_by_name(name)
+    return experiment.experiment_id if experiment else client.create_experiment(name)
+
+
+class RunLogger:
+    """Logs to one MLflow run by id; inactive (every call a no-op) unless `active`.
+
+    Args:
+        tracking_uri: the MLflow server.
+        run_id: the run to log into (opened by the driver).
+        active: true on the process that logs (rank 0).
+    """
+
+    def __init__(self, tracking_uri: str, run_id: str, active: bool = True):
+        self.tracking_uri, self.run_id, self.active = tracking_uri, run_id, active
+        self._client = None
+        if active:
+            from mlflow import MlflowClient
+
+            self._client = MlflowClient(tracking_uri)
+
+    @classmethod
+    def open_run(cls, tracking_uri: str, experiment: str, run_name: str, params: Mapping[str, Any],
+                 tags: Mapping[str, str]) -> "RunLogger":
+        """Creates a run with its params and tags (driver side)."""
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking_uri)
+        experiment_id = ensure_experiment(client, experiment)
+        run = client.create_run(experiment_id, run_name=run_name, tags=dict(tags))
+        logger = cls(tracking_uri, run.info.run_id)
+        logger.log_params(params)
+        return logger
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        if not self.active:
+            return
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for start in range(0, len(items), 100):
+            self._client.log_batch(self.run_id, params=items[start:start + 100])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        if not self.active:
+            return
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self._client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        if not self.active:
+            return
+        for key, value in tags.items():
+            self._client.set_tag(self.run_id, key, str(value))
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        if self.active:
+            self._client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        if self.active:
+            self._client.log_text(self.run_id, text, artifact_file)
+
+    def log_image(self, image, artifact_file: str) -> None:
+        """Logs a PIL image as a PNG artifact."""
+        if not self.active:
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / Path(artifact_file).name
+            image.save(path)
+            parent = str(Path(artifact_file).parent)
+            self._client.log_artifact(self.run_id, str(path), None if parent == "." else parent)
+
+    def end(self, status: str = "FINISHED") -> None:
+        if self.active:
+            self._client.set_terminated(self.run_id, status)
+
+    def run_url(self) -> str:
+        """A link to the run in the MLflow UI (or the run id for a file store)."""
+        if self.tracking_uri.startswith("http"):
+            from mlflow import MlflowClient
+
+            experiment_id = MlflowClient(self.tracking_uri).get_run(self.run_id).info.experiment_id
+            return f"{self.tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{self.run_id}"
+        return f"{self.tracking_uri} run {self.run_id}"

@@ -1,0 +1,141 @@
+"""Driver side of fine-tuning: checks before any worker starts, then a Ray Train `TorchTrainer`."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from janus_lab.config import ExperimentConfig, flatten, to_dict
+from janus_lab.data.stream import epoch_dataset, read_manifest, split_size, steps_per_epoch
+from janus_lab.storage import is_s3_uri, pyarrow_filesystem, strip_scheme
+from janus_lab.train.loop import LoopPlan, train_loop_per_worker
+
+# Samples of the sample grid logged at each validation.
+DEFAULT_SAMPLE_PROMPTS = ["a red circle on a white background", "a blue square on a yellow background"]
+# Environment the workers need to reach S3 and MLflow.
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
+                 "AWS_REGION", "MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "JANUS_CACHE_DIR")
+
+
+class PreflightError(ValueError):
+    """The run cannot start; the message says what to change."""
+
+
+@dataclass
+class FinetuneResult:
+    """What a finished fine-tuning run left behind."""
+
+    run_name: str
+    checkpoint_path: str | None
+    export_uri: str
+    mlflow_run_id: str | None
+    mlflow_url: str | None
+    metrics: dict | None
+
+
+def preflight(cfg: ExperimentConfig) -> tuple[dict, int, int, int]:
+    """Checks the run can start and works out its length.
+
+    Returns:
+        (manifest, steps per epoch, total steps, validation rows).
+
+    Raises:
+        PreflightError: missing manifest or weights, a dataset made with another model's VQ
+            tokenizer, or too little data for one optimizer step.
+    """
+    try:
+        manifest = read_manifest(cfg.data.uri)
+    except FileNotFoundError as error:
+        raise PreflightError(f"data.uri={cfg.data.uri}: {error}") from None
+    if cfg.model.weights and not is_s3_uri(cfg.model.weights) and not os.path.isdir(cfg.model.weights):
+        raise PreflightError(f"model.weights={cfg.model.weights} does not exist; point it at a Hugging Face "
+                             "format checkpoint folder (convert DeepSeek checkpoints with "
+                             "`python -m janus_lab.model.convert`) or an s3:// prefix")
+    tokens = manifest.get("model", {}).get("num_image_tokens")
+    expected = (cfg.model.image_size // 16) ** 2
+    if tokens is not None and int(tokens) != expected:
+        raise PreflightError(f"{cfg.data.uri} was ingested with {tokens} codes per image but model.image_size="
+                             f"{cfg.model.image_size} uses {expected}; re-ingest or change model.image_size")
+    train_rows = split_size(manifest, "train")
+    per_epoch = steps_per_epoch(train_rows, cfg.train.num_workers, cfg.train.micro_batch_size,
+                                cfg.train.gradient_accumulation_steps)
+    if per_epoch == 0:
+        raise PreflightError(f"{train_rows} training rows are fewer than one global batch "
+                             f"(train.global_batch_size={cfg.train.global_batch_size}); lower it or add data")
+    total = per_epoch * cfg.train.epochs
+    if cfg.train.max_steps:
+        total = min(total, cfg.train.max_steps)
+    return manifest, per_epoch, total, split_size(manifest, "val")
+
+
+def run_finetune(cfg: ExperimentConfig) -> FinetuneResult:
+    """Runs fine-tuning on the Ray cluster this process is connected to.
+
+    The MLflow run is opened here, on the driver, so that a worker group restarted after a
+    failure keeps logging into the same run.
+    """
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from janus_lab.tracking import GIT_COMMIT_TAG, RunLogger, git_commit, resolve_tracking_uri
+
+    manifest, per_epoch, total, val_rows = preflight(cfg)
+    storage_path, storage_fs = _storage(cfg.train.storage_path)
+    export_uri = f"{cfg.train.storage_path.rstrip('/')}/{cfg.name}/export"
+
+    tracking_uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
+    logger = RunLogger.open_run(
+        tracking_uri, cfg.tracking.experiment, cfg.tracking.run_name or cfg.name,
+        params=flatten(cfg),
+        tags={GIT_COMMIT_TAG: git_commit(), "dataset_uri": cfg.data.uri,
+              "dataset_fingerprint": str(manifest.get("model", {}).get("fingerprint", "unknown")),
+              "ray_train_run": cfg.name},
+    )
+    from janus_lab.config import dump_yaml
+    import json
+
+    logger.log_text(dump_yaml(cfg), "config/resolved.yaml")
+    logger.log_text(json.dumps(manifest, indent=2), "dataset/_manifest.json")
+    plan = LoopPlan(config=to_dict(cfg), steps_per_epoch=per_epoch, total_steps=total, val_rows=val_rows,
+                    tracking_uri=tracking_uri, run_id=logger.run_id, export_uri=export_uri,
+                    sample_prompts=list(DEFAULT_SAMPLE_PROMPTS))
+    epochs_needed = -(-total // per_epoch)
+    datasets = {f"train_{e}": epoch_dataset(cfg.data.uri, "train", e, cfg.data.shuffle_seed)
+                for e in range(epochs_needed)}
+    if val_rows:
+        datasets["val"] = epoch_dataset(cfg.data.uri, "val", 0, cfg.data.shuffle_seed)
+    ingest = ray.train.DataConfig.default_ingest_options()
+    ingest.preserve_order = True  # the order is part of what makes a resume exact
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=plan.to_dict(),
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu),
+        run_config=ray.train.RunConfig(
+            name=cfg.name, storage_path=storage_path, storage_filesystem=storage_fs,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            worker_runtime_env={"env_vars": {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+                                | {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
+        ),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=[], execution_options=ingest),
+    )
+    print(f"fine-tuning {cfg.name}: {total} steps ({per_epoch} per epoch), {cfg.train.num_workers} workers, "
+          f"MLflow run {logger.run_url()}", flush=True)
+    try:
+        result = trainer.fit()
+    except Exception:
+        logger.end("FAILED")
+        raise
+    logger.end("FINISHED")
+    checkpoint = result.checkpoint.path if result.checkpoint else None
+    return FinetuneResult(run_name=cfg.name, checkpoint_path=checkpoint, export_uri=export_uri,
+                          mlflow_run_id=logger.run_id, mlflow_url=logger.run_url(), metrics=result.metrics)
+
+
+def _storage(path: str):
+    """Ray Train's storage_path and filesystem for a local folder or an s3:// prefix."""
+    if is_s3_uri(path):
+        fs, _ = pyarrow_filesystem(path)
+        return strip_scheme(path), fs
+    return os.path.abspath(path), None

@@ -1,0 +1,309 @@
+"""The per-worker training loop that Ray Train's `TorchTrainer` runs on every rank.
+
+build model -> FSDP2 -> AdamW + warmup/cosine -> restore the latest checkpoint if any ->
+stream micro-batches -> accumulate -> clip -> step -> report / validate / checkpoint ->
+export in the Hugging Face layout at the end.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from janus_lab.config import ExperimentConfig, from_dict
+from janus_lab.data.stream import StreamSpec, micro_batches
+from janus_lab.model import GenerationObjective
+from janus_lab.model.builders import PRESETS, JanusBundle
+from janus_lab.model.sequence import SequenceBuilder
+from janus_lab.train.distributed import apply_activation_checkpointing, apply_fsdp
+from janus_lab.train.schedule import build_scheduler
+from janus_lab.train.state import TrainState
+
+# Dense bf16 peak FLOP/s of accelerators we know, for MFU.
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+@dataclass
+class LoopPlan:
+    """What the driver works out before any worker starts (it has the manifest)."""
+
+    config: dict
+    """The resolved experiment config, as a plain dict."""
+    steps_per_epoch: int
+    """Optimizer steps per epoch, equal on every rank."""
+    total_steps: int
+    """Optimizer steps of the whole run (epochs or max_steps, whichever ends first)."""
+    val_rows: int
+    """Validation rows (0: no validation)."""
+    tracking_uri: str | None = None
+    """MLflow server; None: no tracking."""
+    run_id: str | None = None
+    """MLflow run opened by the driver."""
+    export_uri: str | None = None
+    """Where the final Hugging Face export goes (local path or s3://)."""
+    sample_prompts: list[str] = field(default_factory=list)
+    """Fixed prompts for the sample grid at each validation."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def build_bundle(cfg: ExperimentConfig) -> JanusBundle:
+    """The model named by the config: weights from a path, or a preset at random init."""
+    if cfg.model.weights:
+        from janus_lab.model.weights import load_pretrained
+
+        return load_pretrained(cfg.model.weights)
+    builder = PRESETS[cfg.model.preset]
+    kwargs = {"image_size": cfg.model.image_size} if cfg.model.preset == "debug" else {}
+    return builder(seed=cfg.train.seed, dtype=torch.float32, **kwargs)
+
+
+def build_optimizer(objective: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW; biases and norm weights (1-D tensors) get no weight decay."""
+    decay, no_decay = [], []
+    for param in objective.parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 else decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8)
+
+
+def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def trainable_parameters(objective: torch.nn.Module) -> int:
+    return sum(p.numel() for p in objective.parameters() if p.requires_grad)
+
+
+def train_loop_per_worker(plan_dict: dict) -> None:
+    """Entry point of every Ray Train worker (see `janus_lab.train.launch`)."""
+    import ray.train
+    import ray.train.torch
+
+    plan = LoopPlan(**plan_dict)
+    cfg = from_dict(ExperimentConfig, plan.config)
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.train.seed)
+
+    bundle = build_bundle(cfg)
+    # Image generation never reads the text head; training it would only cost optimizer memory.
+    bundle.model.lm_head.requires_grad_(False)
+    if cfg.model.freeze_vision:
+        bundle.model.model.vision_model.requires_grad_(False)
+        bundle.model.model.aligner.requires_grad_(False)
+    objective = GenerationObjective(bundle.model).to(device)
+    num_params = trainable_parameters(objective)
+    if cfg.train.activation_checkpointing:
+        apply_activation_checkpointing(objective)
+    apply_fsdp(objective, device.type)
+    optimizer = build_optimizer(objective, cfg.train.lr, cfg.train.weight_decay)
+    scheduler = build_scheduler(optimizer, plan.total_steps, cfg.train.warmup_ratio, cfg.train.min_lr_ratio)
+    state = TrainState(objective, optimizer, scheduler, rank)
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            state.load(folder)
+        if rank == 0:
+            print(f"resumed from step {state.progress.step} (epoch {state.progress.epoch}, "
+                  f"micro-batch {state.progress.micro_batches_in_epoch})", flush=True)
+
+    from janus_lab.tracking import RunLogger
+
+    logger = RunLogger(plan.tracking_uri, plan.run_id, active=rank == 0) if plan.run_id else None
+    builder = SequenceBuilder(bundle.processor.tokenizer, bundle.num_image_tokens, cfg.data.max_text_tokens)
+    accumulation = cfg.train.gradient_accumulation_steps
+    peak = _peak_flops(device)
+    window = _Window()
+    objective.train()
+
+    # The validation split is small and read at every evaluation: read it once.
+    val_rows = list(ray.train.get_dataset_shard("val").iter_rows()) if plan.val_rows else []
+
+    def validate_and_log(step: int) -> dict:
+        metrics = validate(objective, builder, val_rows, cfg, device) if val_rows else {}
+        if logger and metrics:
+            logger.log_metrics(metrics, step)
+        return metrics
+
+    if state.progress.step == 0 and plan.val_rows:
+        initial = validate_and_log(0)
+        if rank == 0 and initial:
+            print(f"step 0 validation: {_fmt(initial)}", flush=True)
+
+    progress = state.progress
+    while progress.step < plan.total_steps:
+        epoch = progress.epoch
+        spec = StreamSpec(epoch=epoch, rank=rank, world_size=world, micro_batch_size=cfg.train.micro_batch_size,
+                          masking_seed=cfg.masking.seed, t2i_text_drop=cfg.masking.t2i_text_drop,
+                          ti2i_image_drop=cfg.masking.ti2i_image_drop)
+        rows = ray.train.get_dataset_shard(f"train_{epoch}").iter_rows()
+        steps_this_epoch = min(plan.steps_per_epoch, plan.total_steps - progress.step
+                               + progress.micro_batches_in_epoch // accumulation)
+        stream = micro_batches(rows, builder, spec, skip=progress.micro_batches_in_epoch,
+                               limit=steps_this_epoch * accumulation)
+        for batch in stream:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            task_is_t2i = batch.pop("task_is_t2i")
+            out = objective(**batch)
+            (out.loss / accumulation).backward()
+            window.add(out, task_is_t2i, int(batch["attention_mask"].sum()))
+            progress.micro_batches_in_epoch += 1
+            if progress.micro_batches_in_epoch % accumulation:
+                continue
+            grad_norm = torch.nn.utils.clip_grad_norm_(objective.parameters(), cfg.train.grad_clip)
+            if isinstance(grad_norm, torch.distributed.tensor.DTensor):
+                grad_norm = grad_norm.full_tensor()
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            progress.step += 1
+            step = progress.step
+            last_of_run = step == plan.total_steps
+            if step % cfg.train.report_every == 0 or last_of_run or step % cfg.train.checkpoint_every == 0:
+                metrics = window.reduce(device, num_params, peak, world)
+                metrics.update(lr=scheduler.get_last_lr()[0], grad_norm=float(grad_norm), epoch=epoch)
+                if plan.val_rows and cfg.train.eval_every and (step % cfg.train.eval_every == 0 or last_of_run):
+                    metrics.update(validate_and_log(step))
+                if rank == 0:
+                    print(f"step {step}/{plan.total_steps} {_fmt(metrics)}", flush=True)
+                if logger:
+                    logger.log_metrics(metrics, step)
+                save = step % cfg.train.checkpoint_every == 0 or last_of_run
+                _report(state, metrics | {"step": step}, save)
+            if progress.step >= plan.total_steps:
+                break
+        if progress.step < plan.total_steps:
+            progress.epoch += 1
+            progress.micro_batches_in_epoch = 0
+
+    if plan.export_uri:
+        export(objective, bundle, plan.export_uri, rank)
+        if logger:
+            logger.set_tags({"export_uri": plan.export_uri})
+
+
+def _report(state: TrainState, metrics: dict, save: bool) -> None:
+    import ray.train
+
+    if not save:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory(prefix="janus-ckpt-") as folder:
+        state.save(folder)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
+                         checkpoint_dir_name=f"checkpoint_{metrics['step']:07d}")
+
+
+@torch.no_grad()
+def validate(objective, builder: SequenceBuilder, val_rows: list[dict], cfg: ExperimentConfig, device) -> dict:
+    """Held-out token NLL and accuracy per task.
+
+    Every rank evaluates the same (small) validation set, so FSDP's collectives line up
+    without padding batches; the numbers are identical on every rank.
+    """
+    objective.eval()
+    sums = {"t2i": [0.0, 0.0, 0.0], "ti2i": [0.0, 0.0, 0.0]}  # nll, correct, tokens
+    spec = StreamSpec(epoch=0, rank=0, world_size=1, micro_batch_size=cfg.train.micro_batch_size)
+    for batch in micro_batches(val_rows, builder, spec):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        is_t2i = batch.pop("task_is_t2i")
+        out = objective(**batch)
+        for task, rows in (("t2i", is_t2i), ("ti2i", ~is_t2i)):
+            sums[task][0] += float(out.nll_per_sample[rows].sum())
+            sums[task][1] += float(out.correct_per_sample[rows].sum())
+            sums[task][2] += float(out.tokens_per_sample[rows].sum())
+    objective.train()
+    metrics = {}
+    total = [0.0, 0.0, 0.0]
+    for task, (nll, correct, tokens) in sums.items():
+        if tokens:
+            metrics[f"val_{task}_nll"] = nll / tokens
+            metrics[f"val_{task}_accuracy"] = correct / tokens
+        total = [a + b for a, b in zip(total, (nll, correct, tokens))]
+    if total[2]:
+        metrics["val_nll"] = total[0] / total[2]
+        metrics["val_accuracy"] = total[1] / total[2]
+    return metrics
+
+
+def export(objective, bundle: JanusBundle, uri: str, rank: int) -> None:
+    """Gathers the full weights to rank 0 and writes them in the Hugging Face layout."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from janus_lab.model.weights import save_pretrained
+
+    full = get_model_state_dict(objective, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        model_state = {k.removeprefix("model."): v for k, v in full.items()}
+        with torch.device("meta"):
+            fresh = type(bundle.model)(bundle.model.config)
+        fresh.load_state_dict(model_state, assign=True, strict=True)
+        save_pretrained(JanusBundle(model=fresh, processor=bundle.processor, preset=bundle.preset), uri)
+        print(f"exported the fine-tuned model to {uri}", flush=True)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+class _Window:
+    """Accumulates loss, accuracy and throughput between reports."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss_sum = self.tokens = self.correct = self.samples = self.seq_tokens = 0.0
+        self.started = time.perf_counter()
+
+    def add(self, out, task_is_t2i, seq_tokens: int) -> None:
+        self.loss_sum += float(out.loss.detach()) * int(out.num_tokens)
+        self.tokens += int(out.num_tokens)
+        self.correct += int(out.correct)
+        self.samples += int(task_is_t2i.numel())
+        self.seq_tokens += seq_tokens
+
+    def reduce(self, device, num_params: int, peak: float | None, world: int) -> dict:
+        elapsed = time.perf_counter() - self.started
+        loss_sum, tokens, correct, samples, seq_tokens = _all_reduce_sum(
+            [self.loss_sum, self.tokens, self.correct, self.samples, self.seq_tokens], device)
+        metrics = {
+            "loss": loss_sum / max(tokens, 1),
+            "accuracy": correct / max(tokens, 1),
+            "samples_per_s": samples / elapsed,
+            "tokens_per_s": seq_tokens / elapsed,
+        }
+        if peak:
+            # 6 FLOPs per parameter per token (forward + backward), over every GPU's peak.
+            metrics["mfu"] = 6 * num_params * seq_tokens / elapsed / (peak * world)
+        self.reset()
+        return metrics
+
+
+def _peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
+def _fmt(metrics: dict) -> str:
+    parts = []
+    for key, value in metrics.items():
+        if isinstance(value, float) and not math.isnan(value):
+            parts.append(f"{key} {value:.4g}")
+        else:
+            parts.append(f"{key} {value}")
+    return " ".join(parts)
+
