@@ -78,6 +78,8 @@ def test_training_lowers_validation_nll_and_exports(uninterrupted):
     assert run.data.params["train.lr"] == "0.01"
     assert run.data.tags["export_uri"] == result.export_uri
     assert "git_commit" in run.data.tags
+    grids = [a.path for a in client.list_artifacts(result.mlflow_run_id, "samples")]
+    assert "samples/step_0000000.png" in grids and f"samples/step_{STEPS:07d}.png" in grids, grids
     exported = load_pretrained(result.export_uri)
     assert exported.num_image_tokens == 16
     run_dir = Path(cfg.train.storage_path) / cfg.name

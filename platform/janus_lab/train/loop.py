@@ -136,6 +136,10 @@ def train_loop_per_worker(plan_dict: dict) -> None:
         metrics = validate(objective, builder, val_rows, cfg, device) if val_rows else {}
         if logger and metrics:
             logger.log_metrics(metrics, step)
+        if plan.sample_prompts:
+            grid = sample_grid(objective, bundle, plan.sample_prompts, seed=cfg.train.seed)
+            if logger:
+                logger.log_image(grid, f"samples/step_{step:07d}.png")
         return metrics
 
     if state.progress.step == 0 and plan.val_rows:
@@ -237,6 +241,29 @@ def validate(objective, builder: SequenceBuilder, val_rows: list[dict], cfg: Exp
         metrics["val_nll"] = total[0] / total[2]
         metrics["val_accuracy"] = total[1] / total[2]
     return metrics
+
+
+@torch.no_grad()
+def sample_grid(objective, bundle: JanusBundle, prompts: list[str], seed: int, per_prompt: int = 4):
+    """Generates a few images per fixed prompt with the model being trained; one row per prompt.
+
+    Every rank runs the same generation (same prompts and seeds), so the sharded layers'
+    all-gathers line up; the root's own parameters are gathered for the duration, because the
+    engine calls the model's submodules directly rather than the root's forward.
+    """
+    from janus_lab.generation import GenerationEngine, GenerationRequest
+    from janus_lab.generation.offline import contact_sheet
+
+    engine = GenerationEngine(objective.model, bundle.processor.tokenizer, image_size=bundle.image_size,
+                              num_image_tokens=bundle.num_image_tokens, static_cache=False)
+    requests = [GenerationRequest(prompt=prompt, parallel_size=per_prompt, seed=seed + index)
+                for index, prompt in enumerate(prompts)]
+    objective.unshard()
+    try:
+        results = engine.generate(requests)
+    finally:
+        objective.reshard()
+    return contact_sheet([result.images for result in results], tile=max(bundle.image_size, 64))
 
 
 def export(objective, bundle: JanusBundle, uri: str, rank: int) -> None:

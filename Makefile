@@ -1,0 +1,56 @@
+# janus-lab developer entry points. Run from the repo root.
+#
+#   make venv      create .venv and install the project (re-runs when pyproject.toml changes)
+#   make up        start the local stack: SeaweedFS S3 + MLflow + Ray head (run/stack/)
+#   make status    what runs, on which ports, and whether it is healthy
+#   make down      stop it
+#
+# Add targets in their own section below; keep `PY` as the one way to reach the venv's Python.
+
+PY := .venv/bin/python
+
+.DEFAULT_GOAL := help
+
+.PHONY: help
+help:
+	@sed -n 's/^#   \(make .*\)/\1/p' $(MAKEFILE_LIST)
+
+# --- environment ---
+
+.PHONY: venv
+venv: .venv/.installed
+
+.venv:
+	python3 -m venv .venv
+
+# torch first and pinned: installed before the rest, pip keeps this build instead of resolving
+# one itself (a GPU machine installs the CUDA build of the same version here instead).
+.venv/.installed: pyproject.toml | .venv
+	.venv/bin/pip install torch==2.13.0
+	.venv/bin/pip install -e '.[test]'
+	touch $@
+
+# Targets that only need a working interpreter depend on $(PY), not on the stamp, so editing
+# pyproject.toml does not trigger a reinstall before every `make up`.
+$(PY):
+	$(MAKE) venv
+
+# --- local stack ---
+# SeaweedFS S3 + MLflow + Ray head; data, logs and PID files under run/stack/ (janus_lab/stack.py).
+# Ports come from JANUS_* variables (python -m janus_lab.stack --help lists them), e.g.
+#   JANUS_S3_PORT=9000 make up
+# STACK_ARGS passes options through, e.g. `make up STACK_ARGS=--no-ray`.
+# The Ray head keeps token auth on (its GCS listens on every interface): `source
+# run/stack/env.sh` before `ray status`, `ray job submit` or `serve deploy`.
+
+STACK_ARGS ?=
+
+.PHONY: up down status
+up: | $(PY)
+	$(PY) -m janus_lab.stack up $(STACK_ARGS)
+
+down: | $(PY)
+	$(PY) -m janus_lab.stack down $(STACK_ARGS)
+
+status: | $(PY)
+	$(PY) -m janus_lab.stack status $(STACK_ARGS)
