@@ -54,3 +54,26 @@ down: | $(PY)
 
 status: | $(PY)
 	$(PY) -m janus_lab.stack status $(STACK_ARGS)
+
+# --- data ---
+#   make sample-data   writes the procedural sample dataset (ShareGPT-4o-Image layout) to data/sample
+
+SAMPLE_DIR ?= data/sample
+
+.PHONY: sample-data
+sample-data: | $(PY)
+	@if [ -f $(SAMPLE_DIR)/text_to_image.json ]; then echo "$(SAMPLE_DIR) exists"; \
+	else $(PY) jobs/sample_data.py --out $(SAMPLE_DIR); fi
+
+# --- the two README commands ---
+#   make test      the whole suite (unit + integration) in .venv
+#   make demo      local stack -> sample data -> ingest to S3 -> ray job submit finetune -> generate
+
+.PHONY: test demo
+test: venv
+	$(PY) -m pytest -q
+
+demo: venv
+	$(MAKE) up
+	$(MAKE) sample-data
+	bash infra/local/demo.sh

@@ -143,3 +143,17 @@ def test_preflight_errors_say_what_to_change(dataset, tmp_path):
     wrong_side = load_config(ExperimentConfig, "jobs/configs/debug.yaml", [f"data.uri={dataset}", "model.image_size=384"])
     with pytest.raises(PreflightError, match="re-ingest"):
         preflight(wrong_side)
+
+
+def test_preflight_refuses_a_dataset_encoded_by_another_random_vq(dataset, tmp_path):
+    import json
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(dataset, copy)
+    manifest = json.loads((copy / "_manifest.json").read_text())
+    manifest["model"]["init_seed"] = 7
+    (copy / "_manifest.json").write_text(json.dumps(manifest))
+    cfg = load_config(ExperimentConfig, "jobs/configs/debug.yaml", [f"data.uri={copy}"])
+    with pytest.raises(PreflightError, match="set train.seed=7"):
+        preflight(cfg)

@@ -20,10 +20,10 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
+from janus_lab.data.schema import MANIFEST_NAME
 from janus_lab.model.sequence import SequenceBuilder, TokenizedSample, collate_samples, draw_mask_decision
 from janus_lab.storage import pyarrow_filesystem
 
-MANIFEST_NAME = "_manifest.json"
 STREAM_COLUMNS = ["id", "task", "prompt", "output_codes", "input_codes", "input_pixels", "split"]
 
 

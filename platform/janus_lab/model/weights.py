@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from transformers import JanusForConditionalGeneration, JanusProcessor
 
-from janus_lab.model.builders import JanusBundle, freeze_vq_tokenizer
+from janus_lab.model.builders import PRESETS, JanusBundle, freeze_vq_tokenizer
 from janus_lab.storage import download_prefix, is_s3_uri, upload_folder
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -77,3 +77,19 @@ def save_pretrained(bundle: JanusBundle, uri: str | os.PathLike) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     bundle.model.save_pretrained(folder, safe_serialization=True)
     bundle.processor.save_pretrained(folder)
+
+
+def build_bundle(model, init_seed: int) -> JanusBundle:
+    """The model a `ModelConfig` names: weights from a path, or a preset at seeded random init.
+
+    Ingest and fine-tuning both build through here, so a random-init debug model gets the same
+    VQ tokenizer in both when they use the same seed.
+
+    Args:
+        model: a `janus_lab.config.ModelConfig`.
+        init_seed: seed of the random init (ignored when weights are given).
+    """
+    if model.weights:
+        return load_pretrained(model.weights)
+    kwargs = {"image_size": model.image_size} if model.preset == "debug" else {}
+    return PRESETS[model.preset](seed=init_seed, dtype=torch.float32, **kwargs)

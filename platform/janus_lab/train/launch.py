@@ -56,6 +56,12 @@ def preflight(cfg: ExperimentConfig) -> tuple[dict, int, int, int]:
     if tokens is not None and int(tokens) != expected:
         raise PreflightError(f"{cfg.data.uri} was ingested with {tokens} codes per image but model.image_size="
                              f"{cfg.model.image_size} uses {expected}; re-ingest or change model.image_size")
+    encoded_by = manifest.get("model", {})
+    if not cfg.model.weights and encoded_by.get("init_seed") is not None and int(encoded_by["init_seed"]) != cfg.train.seed:
+        raise PreflightError(
+            f"{cfg.data.uri} was VQ-encoded by the random-init {encoded_by.get('preset')} model with seed "
+            f"{encoded_by['init_seed']}, but train.seed={cfg.train.seed} builds a different VQ tokenizer; "
+            f"set train.seed={encoded_by['init_seed']} or re-ingest with init_seed={cfg.train.seed}")
     train_rows = split_size(manifest, "train")
     per_epoch = steps_per_epoch(train_rows, cfg.train.num_workers, cfg.train.micro_batch_size,
                                 cfg.train.gradient_accumulation_steps)

@@ -18,7 +18,8 @@ import torch.distributed as dist
 from janus_lab.config import ExperimentConfig, from_dict
 from janus_lab.data.stream import StreamSpec, micro_batches
 from janus_lab.model import GenerationObjective
-from janus_lab.model.builders import PRESETS, JanusBundle
+from janus_lab.model.builders import JanusBundle
+from janus_lab.model.weights import build_bundle
 from janus_lab.model.sequence import SequenceBuilder
 from janus_lab.train.distributed import apply_activation_checkpointing, apply_fsdp
 from janus_lab.train.schedule import build_scheduler
@@ -51,17 +52,6 @@ class LoopPlan:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def build_bundle(cfg: ExperimentConfig) -> JanusBundle:
-    """The model named by the config: weights from a path, or a preset at random init."""
-    if cfg.model.weights:
-        from janus_lab.model.weights import load_pretrained
-
-        return load_pretrained(cfg.model.weights)
-    builder = PRESETS[cfg.model.preset]
-    kwargs = {"image_size": cfg.model.image_size} if cfg.model.preset == "debug" else {}
-    return builder(seed=cfg.train.seed, dtype=torch.float32, **kwargs)
 
 
 def build_optimizer(objective: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
@@ -97,7 +87,7 @@ def train_loop_per_worker(plan_dict: dict) -> None:
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.train.seed)
 
-    bundle = build_bundle(cfg)
+    bundle = build_bundle(cfg.model, init_seed=cfg.train.seed)
     # Image generation never reads the text head; training it would only cost optimizer memory.
     bundle.model.lm_head.requires_grad_(False)
     if cfg.model.freeze_vision:

@@ -1,0 +1,743 @@
+"""Ingest: reading sources, checking records, preparing images, encoding, writing, and the whole
+job on Ray Data against the local S3 server."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+import uuid
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from janus_lab.config import IngestConfig, load_config
+from janus_lab.data import (
+    MANIFEST_NAME,
+    IngestError,
+    REJECTS_NAME,
+    SHARD_SCHEMA,
+    DatasetManifest,
+    OutputExistsError,
+    SourceError,
+    read_records,
+    read_rejects,
+    read_shards,
+    run_ingest,
+    split_of,
+    write_sample_dataset,
+)
+from janus_lab.data.images import ImageRejected, decode_png_pixels, encode_png, prepare_image
+from janus_lab.data.ingest import (
+    ENCODED_SCHEMA,
+    PREPARED_SCHEMA,
+    VQEncoder,
+    prepare_output,
+    prepare_records,
+    vq_fingerprint,
+    write_shard,
+)
+from janus_lab.data.sample import sample_records, write_tar
+from janus_lab.data.schema import REJECT_CATEGORIES
+from janus_lab.data.sources import (
+    ImageReader,
+    PathEscapeError,
+    archive_members,
+    build_image_index,
+    check_records,
+    list_source_files,
+    resolve_image_path,
+)
+from janus_lab.storage import pyarrow_filesystem, upload_folder
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE_YAML = REPO / "jobs" / "configs" / "ingest_sample.yaml"
+
+
+# --------------------------------------------------------------------------- fixtures of bad data
+
+
+def png_bytes(image: Image.Image, fmt: str = "PNG") -> bytes:
+    out = io.BytesIO()
+    image.save(out, format=fmt)
+    return out.getvalue()
+
+
+def half(data: bytes) -> bytes:
+    return data[:len(data) // 2]
+
+
+def bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:
+    """A tiny PNG whose header claims `width` x `height` (its pixel data is for 1x1)."""
+    data = bytearray(png_bytes(Image.new("RGB", (1, 1), "red")))
+    ihdr = 8 + 8  # signature, then length + b"IHDR"
+    data[ihdr:ihdr + 8] = struct.pack(">II", width, height)
+    data[ihdr + 13:ihdr + 17] = struct.pack(">I", zlib.crc32(bytes(data[ihdr - 4:ihdr + 13])))
+    return bytes(data)
+
+
+def scene(color: str = "red", size: tuple[int, int] = (96, 80), mode: str = "RGB") -> Image.Image:
+    image = Image.new("RGB", size, color)
+    image.paste((0, 0, 255), (size[0] // 4, size[1] // 4, size[0] // 2, size[1] // 2))
+    return image if mode == "RGB" else image.convert(mode)
+
+
+def write_bad_source(root: Path) -> dict[tuple[str, int], str]:
+    """A ShareGPT-4o-Image folder where most records are broken in one way each.
+
+    Returns:
+        `(source_file, record_index) -> reject category` of every record that must be rejected;
+        the others must be ingested.
+    """
+    root.mkdir(parents=True)
+    (root.parent / "outside.png").write_bytes(png_bytes(scene()))  # exists, must never be read
+    image_dir = root / "image"
+    image_dir.mkdir()
+    files = {
+        "rgba.png": png_bytes(Image.new("RGBA", (64, 48), (255, 0, 0, 0))),
+        "palette.png": png_bytes(scene("green", mode="P")),
+        "grey.png": png_bytes(scene("white", mode="L")),
+        "blank_prompt.png": png_bytes(scene("white")),
+        "long_prompt.png": png_bytes(scene("white")),
+        "edit_out_2.png": png_bytes(scene("white")),
+        "edit_out_4.png": png_bytes(scene("white")),
+        "cmyk.jpg": png_bytes(scene("yellow", mode="CMYK"), "JPEG"),
+        "truncated.png": half(png_bytes(scene())),
+        "garbage.png": b"this is not an image at all",
+        "bomb.png": bomb_png(),
+        "too_big.png": png_bytes(Image.new("RGB", (400, 400), "gray")),  # valid, over the test limit
+        "edit_input.png": png_bytes(scene("blue")),
+        "edit_truncated.png": half(png_bytes(scene("blue"))),
+    }
+    for name, data in files.items():
+        (image_dir / name).write_bytes(data)
+    write_tar(root / "text_to_image_part_1.tar", [("image/tar_good.png", png_bytes(scene("purple"))),
+                                                  ("image/tar_input.png", png_bytes(scene("orange")))])
+    long_prompt = " ".join(["a red circle next to a blue square"] * 40)
+    t2i = [
+        {"input_prompt": "a good one from a tar", "output_image": "image/tar_good.png"},  # 0 ok
+        {"input_prompt": "transparent red, on white", "output_image": "image/rgba.png"},  # 1 ok
+        {"input_prompt": "a palette image", "output_image": "image/palette.png"},  # 2 ok
+        {"input_prompt": "missing", "output_image": "image/nowhere.png"},  # 3
+        {"input_prompt": "truncated", "output_image": "image/truncated.png"},  # 4
+        {"input_prompt": "garbage", "output_image": "image/garbage.png"},  # 5
+        {"input_prompt": "escape", "output_image": "../outside.png"},  # 6
+        {"input_prompt": "absolute", "output_image": "/etc/hostname"},  # 7
+        {"input_prompt": "bomb", "output_image": "image/bomb.png"},  # 8
+        {"input_prompt": "   \n\t", "output_image": "image/blank_prompt.png"},  # 9
+        {"input_prompt": long_prompt, "output_image": "image/long_prompt.png"},  # 10
+        {"input_prompt": "same output as record 0", "output_image": "image/./tar_good.png"},  # 11
+        {"input_prompt": "a cmyk jpeg", "output_image": "image/cmyk.jpg"},  # 12
+        "not a record",  # 13
+        {"input_prompt": "a grey image", "output_image": "image/grey.png"},  # 14 ok
+        {"input_prompt": "valid but larger than the limit", "output_image": "image/too_big.png"},  # 15
+    ]
+    ti2i = [
+        {"input_prompt": "make it green", "input_image": ["image/tar_input.png"], "output_image": "image/palette.png"},
+        {"input_prompt": "combine them", "input_image": ["image/edit_input.png", "image/tar_input.png"],
+         "output_image": "image/cmyk.jpg"},  # 1 ok, two inputs
+        {"input_prompt": "no inputs", "input_image": [], "output_image": "image/edit_out_2.png"},  # 2
+        {"input_prompt": "no input key", "output_image": "image/rgba.png"},  # 3
+        {"input_prompt": "missing input", "input_image": ["image/nope.png"],
+         "output_image": "image/edit_out_4.png"},  # 4
+        {"input_prompt": "truncated input", "input_image": ["image/edit_truncated.png"],
+         "output_image": "image/edit_input.png"},  # 5
+    ]
+    (root / "text_to_image.json").write_text(json.dumps(t2i))
+    (root / "text_and_image_to_image.json").write_text(json.dumps(ti2i))
+    t, e = "text_to_image.json", "text_and_image_to_image.json"
+    return {
+        (t, 3): "missing image", (t, 4): "unreadable image", (t, 5): "unreadable image",
+        (t, 6): "path escapes source root", (t, 7): "path escapes source root", (t, 8): "image too large",
+        (t, 9): "empty prompt", (t, 10): "prompt too long", (t, 11): "duplicate id", (t, 13): "malformed record",
+        (t, 15): "image too large",
+        (e, 2): "no input image", (e, 3): "no input image", (e, 4): "missing image", (e, 5): "unreadable image",
+    }
+
+
+BAD_SOURCE_GOOD = {("text_to_image.json", i) for i in (0, 1, 2, 12, 14)} | {("text_and_image_to_image.json", i)
+                                                                             for i in (0, 1)}
+BAD_SOURCE_LIMITS = ["limits.max_image_pixels=100000", "limits.max_text_tokens=64"]
+
+
+def index_of(root: Path):
+    files = list_source_files(str(root))
+    members = {name: archive_members(str(root), name) for name in files if name.endswith((".tar", ".tar.gz"))}
+    return files, build_image_index(str(root), files, members)
+
+
+# --------------------------------------------------------------------------- sources (no Ray)
+
+
+@pytest.mark.parametrize("path", ["../x.png", "image/../../x.png", "/etc/passwd", "s3://other/x.png",
+                                  "C:/x.png", "..", ".", "image/\x00.png"])
+def test_paths_that_leave_the_source_root(path):
+    with pytest.raises(PathEscapeError):
+        resolve_image_path("", path)
+
+
+def test_paths_inside_the_source_root():
+    assert resolve_image_path("", "image/./a.png") == "image/a.png"
+    assert resolve_image_path("sub", "../image/a.png") == "image/a.png"  # up from a subfolder, still inside
+    with pytest.raises(PathEscapeError):
+        resolve_image_path("sub", "../../a.png")
+
+
+def test_tar_members_read_in_place_and_compressed_ones_streamed(tmp_path):
+    files = [(f"image/{i}.png", png_bytes(scene(c))) for i, c in enumerate(["red", "green", "blue"])]
+    write_tar(tmp_path / "part_1.tar", files)
+    (tmp_path / "sub" / "images").mkdir(parents=True)
+    write_tar(tmp_path / "sub" / "images" / "part_1.tar.gz", [(n.removeprefix("image/"), d) for n, d in files],
+              compress=True)
+    _, index = index_of(tmp_path)
+    with ImageReader(str(tmp_path)) as reader:
+        for name, data in files:
+            location = index.locate(name)
+            assert location.member == name and not location.streamed
+            assert reader.read(location) == data
+        # A compressed member is named relative to its archive's folder or any folder above it.
+        for key in ("sub/images/1.png", "sub/1.png", "1.png"):
+            assert index.locate(key) is not None and index.locate(key).streamed
+        archive = index.locate("sub/images/1.png").file
+        assert dict(reader.stream_members(archive, {"1.png", "2.png"})) == {"1.png": files[1][1], "2.png": files[2][1]}
+
+
+def test_plain_files_win_over_archive_members(tmp_path):
+    write_tar(tmp_path / "part_1.tar", [("image/a.png", b"from the tar")])
+    (tmp_path / "image").mkdir()
+    (tmp_path / "image" / "a.png").write_bytes(b"loose")
+    _, index = index_of(tmp_path)
+    assert index.locate("image/a.png").member is None
+
+
+def test_a_link_out_of_the_source_is_an_escape(tmp_path):
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(png_bytes(scene()))
+    root = tmp_path / "src"
+    (root / "image").mkdir(parents=True)
+    (root / "image" / "link.png").symlink_to(secret)
+    (root / "text_to_image.json").write_text(json.dumps([{"input_prompt": "x", "output_image": "image/link.png"}]))
+    files, index = index_of(root)
+    _, rejects = check_records(read_records("sharegpt4o", str(root), files), index)
+    assert [r.category for r in rejects] == ["path escapes source root"]
+
+
+def test_records_rejected_before_any_image_is_read(tmp_path):
+    expected = write_bad_source(tmp_path / "src")
+    files, index = index_of(tmp_path / "src")
+    records = read_records("sharegpt4o", str(tmp_path / "src"), files)
+    accepted, rejects = check_records(records, index)
+    before_reading = {"missing image", "path escapes source root", "empty prompt", "duplicate id",
+                      "malformed record", "no input image"}
+    assert {(r.source_file, r.record_index): r.category for r in rejects} == {
+        key: c for key, c in expected.items() if c in before_reading}
+    assert all(r.category in REJECT_CATEGORIES and ": " in r.reason for r in rejects)
+    duplicate = next(r for r in rejects if r.category == "duplicate id")
+    assert "first seen in text_to_image.json at index 0" in duplicate.reason
+    assert len(accepted) + len(rejects) == len(records) == 22
+
+
+def test_sharegpt_records_get_stable_derived_ids(tmp_path):
+    write_sample_dataset(tmp_path, num_t2i=2, num_ti2i=1)
+    records = read_records("sharegpt4o", str(tmp_path))
+    assert [r.id for r in records] == ["text_to_image.json:image/t2i_0000.png", "text_to_image.json:image/t2i_0001.png",
+                                       "text_and_image_to_image.json:image/ti2i_0000.png"]
+    assert [r.task for r in records] == ["t2i", "t2i", "ti2i"]
+
+
+def test_a_source_without_record_files_fails_naming_them(tmp_path):
+    (tmp_path / "image").mkdir()
+    (tmp_path / "image" / "a.png").write_bytes(png_bytes(scene()))
+    with pytest.raises(SourceError, match="has neither text_to_image.json nor text_and_image_to_image.json"):
+        read_records("sharegpt4o", str(tmp_path))
+    with pytest.raises(SourceError, match=r"no \*.jsonl record files"):
+        read_records("echo4o", str(tmp_path))
+    with pytest.raises(SourceError, match="does not exist or is empty"):
+        read_records("sharegpt4o", str(tmp_path / "nothing"))
+
+
+@pytest.mark.parametrize("text, message", [("[{\"input_prompt\": ", "text_to_image.json is not valid JSON"),
+                                           ("{\"a\": 1}", "text_to_image.json must hold a JSON array")])
+def test_unreadable_record_file_fails_naming_it(tmp_path, text, message):
+    (tmp_path / "text_and_image_to_image.json").write_text("[]")
+    (tmp_path / "text_to_image.json").write_text(text)
+    with pytest.raises(SourceError, match=message):
+        read_records("sharegpt4o", str(tmp_path))
+
+
+def test_a_bad_jsonl_line_is_one_reject(tmp_path):
+    (tmp_path / "r.jsonl").write_text('{"prompt": "ok", "output_image": "a.png"}\n{oops\n\n'
+                                      '{"prompt": "x", "output_image": "b.png", "task": "edit"}\n')
+    records = read_records("jsonl", str(tmp_path))
+    assert [(r.record_index, r.defect is None) for r in records] == [(0, True), (1, False), (3, False)]
+    assert "line is not valid JSON" in records[1].defect and "task must be" in records[2].defect
+
+
+# --------------------------------------------------------------------------- images (no Ray)
+
+
+def test_pixel_limit_is_checked_on_the_header_before_decoding():
+    saved = Image.MAX_IMAGE_PIXELS
+    with pytest.raises(ImageRejected) as err:
+        prepare_image(bomb_png(), max_pixels=4096 * 4096, side=64)
+    assert err.value.category == "image too large"
+    assert "100000x100000 = 10000000000 pixels, over the limit of 16777216" in err.value.detail
+    assert Image.MAX_IMAGE_PIXELS == saved  # PIL's own guard is back in place
+    assert prepare_image(png_bytes(Image.new("RGB", (100, 50))), max_pixels=5000, side=64).size == (64, 64)
+    with pytest.raises(ImageRejected, match="image too large"):
+        prepare_image(png_bytes(Image.new("RGB", (100, 51))), max_pixels=5000, side=64)
+
+
+@pytest.mark.parametrize("data", [half(png_bytes(scene())), png_bytes(scene())[:-30], b"GIF89a-not-really",
+                                  b"", png_bytes(scene(), "JPEG")[:400]])
+def test_truncated_or_garbage_bytes_are_unreadable(data):
+    with pytest.raises(ImageRejected) as err:
+        prepare_image(data, max_pixels=10**8, side=64)
+    assert err.value.category == "unreadable image"
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "L", "P", "1", "CMYK", "F"])
+def test_every_mode_becomes_rgb(mode):
+    fmt = "JPEG" if mode == "CMYK" else ("TIFF" if mode == "F" else "PNG")
+    image = prepare_image(png_bytes(scene("white", mode=mode), fmt), max_pixels=10**8, side=64)
+    assert image.mode == "RGB" and image.size == (64, 64)
+    assert image.getpixel((2, 2))[0] > 200  # the white corner stays light
+
+
+def test_transparency_is_composited_on_white():
+    image = Image.new("RGBA", (32, 32), (255, 0, 0, 0))
+    image.putpixel((0, 0), (255, 0, 0, 255))
+    rgb = prepare_image(png_bytes(image), max_pixels=10**8, side=32)
+    assert rgb.getpixel((5, 5)) == (255, 255, 255) and rgb.getpixel((0, 0)) == (255, 0, 0)
+    palette = scene("green", mode="P")
+    palette.info["transparency"] = palette.getpixel((0, 0))
+    assert prepare_image(png_bytes(palette), 10**8, 96).getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_sixteen_bit_grey_keeps_its_range():
+    grey = Image.fromarray(np.full((8, 8), 32768, dtype=np.uint16))
+    data = png_bytes(grey)
+    assert Image.open(io.BytesIO(data)).mode.startswith("I")  # what PIL makes of a 16-bit PNG
+    assert prepare_image(data, 10**8, 8).getpixel((0, 0)) == (128, 128, 128)
+
+
+def test_prepared_pixels_are_what_image_to_tensor_feeds_the_model():
+    from janus_lab.model.vq import image_to_tensor, pixels_to_tensor
+
+    original = sample_records(num_t2i=1, num_ti2i=0)[0].output_image()  # 256 x 256 or not square
+    prepared = prepare_image(png_bytes(original), 10**8, 64)
+    stored = decode_png_pixels(encode_png(prepared, compress_level=1))
+    assert np.array_equal(pixels_to_tensor(stored).numpy(), image_to_tensor(original, 64).numpy())
+
+
+# --------------------------------------------------------------------------- manifest and split
+
+
+def test_manifest_round_trip(tmp_path):
+    manifest = DatasetManifest(source={"format": "sharegpt4o", "path": "s3://b/raw"},
+                               model={"preset": "debug", "weights": None, "image_size": 64, "num_image_tokens": 16,
+                                      "fingerprint": "ab" * 32, "init_seed": 42},
+                               counts={"t2i": {"train": 3, "val": 1}, "ti2i": {"train": 2, "val": 0}}, rows=6,
+                               shards=["part-00000.parquet"], rejects=2, val_fraction=0.1, seed=7)
+    manifest.write(str(tmp_path / "ds"))
+    assert DatasetManifest.read(str(tmp_path / "ds")) == manifest
+    assert [p.name for p in (tmp_path / "ds").iterdir()] == [MANIFEST_NAME]
+    assert manifest.created.endswith("+00:00")
+    old = json.loads(manifest.to_json()) | {"schema_version": 0}
+    with pytest.raises(ValueError, match="schema version 0"):
+        DatasetManifest.from_json(json.dumps(old))
+    with pytest.raises(FileNotFoundError, match="did not finish"):
+        DatasetManifest.read(str(tmp_path))
+
+
+def test_split_is_a_stable_function_of_seed_and_id():
+    ids = [f"text_to_image.json:image/{i}.png" for i in range(4000)]
+    splits = [split_of(i, 0, 0.1) for i in ids]
+    assert splits == [split_of(i, 0, 0.1) for i in ids]
+    assert 0.08 < splits.count("val") / len(ids) < 0.12
+    assert splits != [split_of(i, 1, 0.1) for i in ids]
+    assert {split_of(i, 0, 0.0) for i in ids} == {"train"} and {split_of(i, 0, 1.0) for i in ids} == {"val"}
+
+
+# --------------------------------------------------------------------------- output folder
+
+
+def test_output_preparation(tmp_path):
+    out = tmp_path / "ds"
+    prepare_output(str(out), overwrite=False)  # missing: fine
+    out.mkdir()
+    (out / "part-00000.parquet").write_bytes(b"x")
+    (out / "_tmp-abc").mkdir()
+    (out / "_tmp-abc" / "1.parquet").write_bytes(b"x")
+    prepare_output(str(out), overwrite=False)  # unfinished (no manifest): cleaned
+    assert list(out.iterdir()) == []
+    (out / "part-00000.parquet").write_bytes(b"x")
+    (out / MANIFEST_NAME).write_text("{}")
+    with pytest.raises(OutputExistsError, match="output.overwrite=true"):
+        prepare_output(str(out), overwrite=False)
+    assert (out / MANIFEST_NAME).exists()
+    prepare_output(str(out), overwrite=True)
+    assert list(out.iterdir()) == []
+    (out / "part-00000.parquet").write_bytes(b"x")
+    (out / "notes.txt").write_text("not ours")
+    for overwrite in (False, True):
+        with pytest.raises(OutputExistsError, match=r"files an ingest did not write \(notes.txt\)"):
+            prepare_output(str(out), overwrite=overwrite)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "part-00000.parquet"]
+
+
+# --------------------------------------------------------------------------- pipeline stages (no Ray)
+
+
+def _work_table(root: Path, fmt: str = "sharegpt4o") -> tuple[pa.Table, list]:
+    from janus_lab.data.ingest import _work_record
+
+    files, index = index_of(root)
+    accepted, rejects = check_records(read_records(fmt, str(root), files), index)
+    work = [_work_record(r, fmt, "train") for r in accepted]
+    return pa.table({"records": [json.dumps(work)]}), rejects
+
+
+def test_read_stage_rejects_bad_images_and_prepares_good_ones(tmp_path):
+    expected = write_bad_source(tmp_path / "src")
+    work, _ = _work_table(tmp_path / "src")
+    rows = pa.concat_tables(prepare_records(work, str(tmp_path / "src"), max_pixels=100_000, side=32)).to_pylist()
+    reasons = {(r["source_file"], r["record_index"]): r["reason"] for r in rows}
+    assert {key: reason.split(":")[0] for key, reason in reasons.items() if reason} == {
+        key: c for key, c in expected.items() if c in ("unreadable image", "image too large")}
+    good = [r for r in rows if not r["reason"]]
+    assert {(r["source_file"], r["record_index"]) for r in good} == BAD_SOURCE_GOOD | {("text_to_image.json", 10)}
+    for row in good:
+        for png in (row["output_png"], *row["input_pngs"]):
+            assert decode_png_pixels(png).shape == (32, 32, 3)
+    assert "truncated.png" in reasons[("text_to_image.json", 4)]
+
+
+def test_read_stage_streams_compressed_parts_once(tmp_path, monkeypatch):
+    write_sample_dataset(tmp_path, "echo4o", num_t2i=5, num_ti2i=4)
+    work, _ = _work_table(tmp_path, "echo4o")
+    passes = []
+    original = ImageReader.stream_members
+
+    def counting(self, archive, wanted):
+        passes.append(archive)
+        return original(self, archive, wanted)
+
+    monkeypatch.setattr(ImageReader, "stream_members", counting)
+    rows = pa.concat_tables(prepare_records(work, str(tmp_path), max_pixels=10**8, side=16)).to_pylist()
+    assert len(rows) == 9 and not any(r["reason"] for r in rows)
+    assert sorted(passes) == sorted(set(passes)) and len(passes) == 2  # one pass per archive
+    two_inputs = [r for r in rows if len(r["input_pngs"]) == 2]
+    assert len(two_inputs) == 1
+
+
+def test_read_stage_shares_streamed_images_and_survives_a_corrupt_archive(tmp_path):
+    archive = tmp_path / "images" / "part_1.tar.gz"
+    archive.parent.mkdir()
+    write_tar(archive, [(f"{c}.png", png_bytes(scene(c, size=(256, 256)))) for c in ("red", "green", "blue")],
+              compress=True)
+    lines = [{"id": "1", "prompt": "p", "output_image": "images/red.png"},
+             {"id": "2", "prompt": "p", "output_image": "images/green.png",
+              "input_images": ["images/red.png", "images/red.png"]},
+             {"id": "3", "prompt": "p", "output_image": "images/blue.png", "input_images": ["images/green.png"]}]
+    (tmp_path / "r.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    work, _ = _work_table(tmp_path, "jsonl")
+    rows = pa.concat_tables(prepare_records(work, str(tmp_path), 10**8, 16)).to_pylist()
+    assert sorted(r["id"] for r in rows) == ["1", "2", "3"] and not any(r["reason"] for r in rows)
+    two = next(r for r in rows if r["id"] == "2")
+    assert two["input_pngs"][0] == two["input_pngs"][1] == next(r for r in rows if r["id"] == "1")["output_png"]
+
+    data = archive.read_bytes()
+    archive.write_bytes(data[:len(data) // 2])  # the archive breaks after it was listed
+    rows = pa.concat_tables(prepare_records(work, str(tmp_path), 10**8, 16)).to_pylist()
+    reasons = [r["reason"] for r in rows if r["reason"]]
+    assert len(rows) == 3 and reasons
+    assert all(r.startswith("unreadable image: images/") and "archive part_1.tar.gz" in r for r in reasons), reasons
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return VQEncoder({"preset": "debug", "image_size": 64}, init_seed=42, max_text_tokens=64)
+
+
+def test_encoder_codes_equal_encode_vq_codes(encoder):
+    from janus_lab.model import debug, encode_vq_codes, image_to_tensor
+
+    records = [r for r in sample_records(num_t2i=2, num_ti2i=4) if r.task == "t2i" or len(r.inputs) == 2][:3]
+    rows = []
+    for r in records:
+        pngs = [encode_png(prepare_image(png_bytes(image), 10**8, 64), compress_level=1)
+                for image in [r.output_image(), *r.input_images()]]
+        rows.append({"id": r.name, "task": r.task, "prompt": r.prompt, "source": "s", "split": "train",
+                     "source_file": "f", "record_index": 0, "reason": None, "output_png": pngs[0],
+                     "input_pngs": pngs[1:]})
+    rows.append(rows[0] | {"id": "long", "prompt": "red " * 200})
+    out = encoder(pa.Table.from_pylist(rows, schema=PREPARED_SCHEMA)).to_pylist()
+    bundle = debug(seed=42)  # the same init seed gives the same VQ tokenizer
+    model = bundle.model
+    for r, row in zip(records, out):
+        expected = encode_vq_codes(model, image_to_tensor(r.output_image(), 64).unsqueeze(0))[0].tolist()
+        assert row["output_codes"] == expected and len(expected) == 16
+        for image, codes in zip(r.input_images(), row["input_codes"]):
+            assert codes == encode_vq_codes(model, image_to_tensor(image, 64).unsqueeze(0))[0].tolist()
+        assert len(row["input_pixels"]) == len(r.inputs)
+    assert out[-1]["reason"].startswith("prompt too long: prompt has") and out[-1]["output_codes"] is None
+    assert out[0]["fingerprint"] == vq_fingerprint(model, bundle.processor.tokenizer)
+
+
+def test_fingerprint_follows_the_vq_weights_not_the_dtype():
+    from janus_lab.model import debug
+
+    a, b = debug(seed=1), debug(seed=2)
+    tokenizer = a.processor.tokenizer
+    assert vq_fingerprint(a.model, tokenizer) != vq_fingerprint(b.model, tokenizer)
+    import torch
+
+    a_bf16 = debug(seed=1)
+    a_bf16.model.model.vqmodel.to(torch.bfloat16)
+    a.model.model.vqmodel.to(torch.bfloat16).to(torch.float32)
+    assert vq_fingerprint(a.model, tokenizer) == vq_fingerprint(a_bf16.model, tokenizer)
+
+
+def test_writer_writes_good_rows_and_reports_rejects(tmp_path):
+    good = {"id": "a", "task": "ti2i", "prompt": "p", "output_codes": [1] * 16, "input_codes": [[2] * 16],
+            "input_pixels": [b"png"], "source": "jsonl:r.jsonl", "split": "val", "source_file": "r.jsonl",
+            "record_index": 3, "reason": None, "fingerprint": "f"}
+    bad = {k: None for k in good} | {"id": "b", "source_file": "r.jsonl", "record_index": 1,
+                                     "reason": "missing image: x.png", "fingerprint": "f"}
+    summary = write_shard(pa.Table.from_pylist([good, bad], schema=ENCODED_SCHEMA), str(tmp_path)).to_pylist()[0]
+    table = pq.read_table(tmp_path / summary["shard"])
+    assert table.schema.equals(SHARD_SCHEMA) and table.num_rows == 1
+    assert pq.ParquetFile(tmp_path / summary["shard"]).metadata.row_group(0).column(0).compression == "ZSTD"
+    assert json.loads(summary["counts"])["ti2i"] == {"train": 0, "val": 1}
+    assert json.loads(summary["rejects"]) == [{"source_file": "r.jsonl", "record_index": 1, "id": "b",
+                                               "reason": "missing image: x.png"}]
+
+
+def test_sample_config_loads():
+    cfg = load_config(IngestConfig, SAMPLE_YAML)
+    assert (cfg.source.format, cfg.source.path, cfg.output.uri) == ("sharegpt4o", "data/sample", "data/sample-shards")
+    assert (cfg.model.preset, cfg.model.image_size, cfg.init_seed, cfg.output.overwrite) == ("debug", 64, 42, False)
+    from janus_lab.config import ConfigError
+
+    with pytest.raises(ConfigError, match="split.val_fraction must be in"):
+        load_config(IngestConfig, SAMPLE_YAML, ["split.val_fraction=1.5"])
+    with pytest.raises(ConfigError, match="did you mean 'source.format'"):
+        load_config(IngestConfig, SAMPLE_YAML, ["source.fromat=echo4o"])
+
+
+def test_a_submitted_job_refuses_relative_local_paths(monkeypatch):
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")  # what `ray job submit` sets for the driver
+    with pytest.raises(IngestError, match="source.path='data/sample' is relative"):
+        run_ingest(load_config(IngestConfig, SAMPLE_YAML))
+
+
+def test_job_help_lists_every_key():
+    out = subprocess.run([sys.executable, str(REPO / "jobs" / "ingest.py"), "--help"], capture_output=True,
+                         text=True, check=True).stdout
+    assert out.startswith("usage:") and "ray job submit" in out
+    for key in ("source.format", "output.overwrite", "limits.max_image_pixels", "split.val_fraction",
+                "ray.num_encoder_actors", "model.preset", "init_seed"):
+        assert key in out
+
+
+# --------------------------------------------------------------------------- the job on Ray + local S3
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(local_stack):
+    """One local Ray cluster for the module; returns its address (for a second driver)."""
+    import ray
+
+    ray.init(address="local", num_cpus=4, include_dashboard=False,
+             runtime_env={"env_vars": {k: v for k, v in local_stack.env().items() if k.startswith("AWS_")}})
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def s3_root(local_stack) -> str:
+    return f"s3://{local_stack.bucket}/test-ingest-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="module")
+def sample_source(tmp_path_factory, s3_root):
+    """The sample data, uploaded to S3 (tars and JSON as they are: ingest reads them in place)."""
+    local = tmp_path_factory.mktemp("sample")
+    records = write_sample_dataset(local)
+    upload_folder(local, f"{s3_root}/raw/sample")
+    return f"{s3_root}/raw/sample", records
+
+
+def ingest_config(source: str, output: str, *overrides: str, fmt: str = "sharegpt4o") -> IngestConfig:
+    return load_config(IngestConfig, SAMPLE_YAML, [f"source.format={fmt}", f"source.path={source}",
+                                                   f"output.uri={output}", "ray.records_per_task=16", *overrides])
+
+
+@pytest.fixture(scope="module")
+def sample_dataset(ray_cluster, sample_source, s3_root):
+    uri = f"{s3_root}/shards/sample"
+    return uri, run_ingest(ingest_config(sample_source[0], uri))
+
+
+def object_names(uri: str) -> list[str]:
+    from pyarrow import fs as pafs
+
+    fs, root = pyarrow_filesystem(uri)
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+    return sorted(i.path[len(root):].lstrip("/") for i in infos if i.type == pafs.FileType.File)
+
+
+def counts_of(table: pa.Table) -> dict:
+    counts = {task: {"train": 0, "val": 0} for task in ("t2i", "ti2i")}
+    for task, split in zip(table["task"].to_pylist(), table["split"].to_pylist()):
+        counts[task][split] += 1
+    return counts
+
+
+@pytest.mark.integration
+def test_sample_ingest_to_s3_has_exact_counts(sample_dataset, sample_source):
+    uri, result = sample_dataset
+    records = sample_source[1]
+    manifest = DatasetManifest.read(uri)
+    assert manifest == result.manifest
+    table = read_shards(uri, manifest)
+    assert table.schema.equals(SHARD_SCHEMA) and table.num_rows == manifest.rows == len(records) == 80
+    assert counts_of(table) == manifest.counts
+    assert {t: sum(s.values()) for t, s in manifest.counts.items()} == {"t2i": 48, "ti2i": 32}
+    ids = table["id"].to_pylist()
+    stems = {"t2i": "text_to_image.json", "ti2i": "text_and_image_to_image.json"}
+    assert sorted(ids) == sorted(f"{stems[r.task]}:{r.output_path}" for r in records)
+    assert table["split"].to_pylist() == [split_of(i, 0, 0.1) for i in ids]
+    for row in table.to_pylist():
+        assert len(row["output_codes"]) == 16 and len(row["input_codes"]) == len(row["input_pixels"])
+        assert (row["task"] == "ti2i") == bool(row["input_codes"])
+        assert all(decode_png_pixels(png).shape == (64, 64, 3) for png in row["input_pixels"])
+    assert sum(len(c) == 2 for c in table["input_codes"].to_pylist()) == 8
+    assert read_rejects(uri) == [] and manifest.rejects == 0
+    assert object_names(uri) == sorted([*manifest.shards, REJECTS_NAME, MANIFEST_NAME])  # no staging left
+    assert manifest.source == {"format": "sharegpt4o", "path": sample_source[0]}
+    model = manifest.model
+    assert (model["preset"], model["image_size"], model["num_image_tokens"]) == ("debug", 64, 16)
+    assert model["init_seed"] == 42 and model["weights"] is None
+
+
+@pytest.mark.integration
+def test_ingested_codes_are_encode_vq_codes_of_the_resized_images(sample_dataset, sample_source):
+    from janus_lab.model import debug, encode_vq_codes, image_to_tensor
+
+    uri, result = sample_dataset
+    rows = {row["id"].split(":")[1]: row for row in read_shards(uri).to_pylist()}
+    bundle = debug(seed=42)
+    assert result.manifest.model["fingerprint"] == vq_fingerprint(bundle.model, bundle.processor.tokenizer)
+    records = sample_source[1]
+    chosen = [r for r in records if r.task == "t2i"][:3] + [r for r in records if len(r.inputs) == 2][:2]
+    for record in chosen:
+        row = rows[record.output_path]
+        images = [record.output_image(), *record.input_images()]
+        expected = encode_vq_codes(bundle.model, torch_stack([image_to_tensor(i, 64) for i in images])).tolist()
+        assert [row["output_codes"], *row["input_codes"]] == expected
+        for png, image in zip(row["input_pixels"], record.input_images()):
+            assert np.array_equal(decode_png_pixels(png), np.asarray(image.resize((64, 64), Image.Resampling.BICUBIC)))
+
+
+def torch_stack(tensors):
+    import torch
+
+    return torch.stack(tensors)
+
+
+@pytest.mark.integration
+def test_bad_records_give_exact_rejects_and_the_good_ones_intact(ray_cluster, tmp_path, s3_root):
+    expected = write_bad_source(tmp_path / "src")
+    uri = f"{s3_root}/shards/bad"
+    result = run_ingest(ingest_config(str(tmp_path / "src"), uri, *BAD_SOURCE_LIMITS))
+    rejects = read_rejects(uri)
+    assert {(r.source_file, r.record_index): r.category for r in rejects} == expected
+    assert len(rejects) == result.manifest.rejects == len(expected) == 15
+    assert [(r.source_file, r.record_index) for r in rejects] == sorted(expected)  # in source order
+    by_key = {(r.source_file, r.record_index): r.reason for r in rejects}
+    assert by_key[("text_to_image.json", 6)] == "path escapes source root: ../outside.png"
+    assert by_key[("text_to_image.json", 3)] == "missing image: image/nowhere.png"
+    assert by_key[("text_to_image.json", 15)].startswith("image too large: image/too_big.png (header claims 400x400")
+    assert by_key[("text_to_image.json", 10)].startswith("prompt too long: prompt has")
+    table = read_shards(uri)
+    good = {("text_to_image.json", i): "t2i" for i in (0, 1, 2, 12, 14)}
+    good |= {("text_and_image_to_image.json", i): "ti2i" for i in (0, 1)}
+    assert table.num_rows == result.manifest.rows == len(BAD_SOURCE_GOOD) == 7
+    assert sorted(zip(table["source"].to_pylist(), table["task"].to_pylist())) == sorted(
+        (f"sharegpt4o:{f}", task) for (f, _), task in good.items())
+    assert sorted(len(c) for c in table["input_codes"].to_pylist()) == [0, 0, 0, 0, 0, 1, 2]
+
+
+@pytest.mark.integration
+def test_nothing_usable_fails_after_writing_the_rejects(ray_cluster, tmp_path, s3_root):
+    (tmp_path / "text_to_image.json").write_text(json.dumps([
+        {"input_prompt": " ", "output_image": "image/a.png"}, {"input_prompt": "x", "output_image": "../a.png"}]))
+    uri = f"{s3_root}/shards/nothing"
+    with pytest.raises(IngestError, match="all 2 records were rejected"):
+        run_ingest(ingest_config(str(tmp_path), uri))
+    assert object_names(uri) == [REJECTS_NAME] and len(read_rejects(uri)) == 2
+
+
+@pytest.mark.integration
+def test_echo4o_parts_are_streamed_from_s3(ray_cluster, tmp_path, s3_root):
+    written = write_sample_dataset(tmp_path, "echo4o", num_t2i=6, num_ti2i=4)
+    upload_folder(tmp_path, f"{s3_root}/raw/echo")
+    uri = f"{s3_root}/shards/echo"
+    result = run_ingest(ingest_config(f"{s3_root}/raw/echo", uri, fmt="echo4o"))
+    table = read_shards(uri)
+    assert table.num_rows == 10 and result.manifest.rejects == 0
+    assert sorted(table["prompt"].to_pylist()) == sorted(r.prompt for r in written)
+    assert sorted(len(c) for c in table["input_codes"].to_pylist()) == sorted(len(r.inputs) for r in written)
+
+
+@pytest.mark.integration
+def test_a_killed_ingest_leaves_no_manifest_and_a_rerun_completes(ray_cluster, sample_source, s3_root):
+    uri = f"{s3_root}/shards/killed"
+    # A second driver on the module's cluster, killed as soon as its first shard is staged.
+    job = subprocess.Popen(
+        [sys.executable, str(REPO / "jobs" / "ingest.py"), "--config", str(SAMPLE_YAML),
+         f"source.path={sample_source[0]}", f"output.uri={uri}", "output.rows_per_shard=2", "ray.batch_size=2",
+         "ray.records_per_task=4"],
+        env=dict(os.environ, RAY_ADDRESS=ray_cluster), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 180
+    while not any(name.startswith("_tmp-") and name.endswith(".parquet") for name in object_names(uri)):
+        assert job.poll() is None, job.stdout.read().decode()[-3000:]
+        assert time.monotonic() < deadline, "the job staged no shard in time"
+        time.sleep(0.05)
+    job.send_signal(signal.SIGKILL)
+    job.wait()
+    left = object_names(uri)
+    assert MANIFEST_NAME not in left and any(name.startswith("_tmp-") for name in left)
+    with pytest.raises(FileNotFoundError, match="did not finish"):
+        DatasetManifest.read(uri)
+
+    result = run_ingest(ingest_config(sample_source[0], uri))
+    assert result.manifest.rows == 80
+    assert object_names(uri) == sorted([*result.manifest.shards, REJECTS_NAME, MANIFEST_NAME])
+    assert counts_of(read_shards(uri)) == result.manifest.counts
+
+
+@pytest.mark.integration
+def test_a_finished_dataset_is_replaced_only_with_overwrite(sample_dataset, sample_source):
+    uri, first = sample_dataset
+    with pytest.raises(OutputExistsError, match="output.overwrite=true"):
+        run_ingest(ingest_config(sample_source[0], uri))
+    assert DatasetManifest.read(uri) == first.manifest  # untouched
+    again = run_ingest(ingest_config(sample_source[0], uri, "output.overwrite=true", "split.seed=1",
+                                     "output.rows_per_shard=64"))
+    manifest = DatasetManifest.read(uri)
+    assert manifest == again.manifest and manifest.seed == 1 and manifest.rows == 80
+    assert object_names(uri) == sorted([*manifest.shards, REJECTS_NAME, MANIFEST_NAME])  # old shards gone
+    assert counts_of(read_shards(uri)) == manifest.counts
