@@ -11,7 +11,6 @@ import os
 import signal
 import threading
 import time
-from pathlib import Path
 
 import psutil
 import pytest
@@ -26,7 +25,8 @@ STEPS = 8
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
+def ray_cluster(local_stack):
+    # After the stack: the cluster's processes inherit its S3 and MLflow variables.
     import ray
 
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
@@ -58,18 +58,26 @@ def loss_history(cfg: ExperimentConfig, run_id: str) -> dict[int, list[float]]:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(ray_cluster, dataset, tmp_path_factory):
+def uninterrupted(ray_cluster, local_stack, dataset, tmp_path_factory):
+    """One run the way a user runs it: shards, checkpoints and export in S3, the MLflow server."""
+    from janus_lab.storage import upload_folder
+
     tmp = tmp_path_factory.mktemp("uninterrupted")
-    cfg = config(dataset, tmp, "uninterrupted")
+    root = f"s3://{local_stack.bucket}/tests/finetune-{os.getpid()}"
+    upload_folder(dataset, f"{root}/shards")
+    cfg = config(f"{root}/shards", tmp, "uninterrupted", f"train.storage_path={root}/runs",
+                 f"tracking.tracking_uri={local_stack.mlflow_tracking_uri}")
     return cfg, run_finetune(cfg)
 
 
-def test_training_lowers_validation_nll_and_exports(uninterrupted):
+def test_training_lowers_validation_nll_and_exports(uninterrupted, local_stack):
     from mlflow import MlflowClient
 
     from janus_lab.model.weights import load_pretrained
+    from janus_lab.storage import s3_filesystem, strip_scheme
 
     cfg, result = uninterrupted
+    assert result.export_uri.startswith("s3://")
     client = MlflowClient(cfg.tracking.tracking_uri)
     val = {m.step: m.value for m in client.get_metric_history(result.mlflow_run_id, "val_nll")}
     assert 0 in val and STEPS in val
@@ -82,8 +90,8 @@ def test_training_lowers_validation_nll_and_exports(uninterrupted):
     assert "samples/step_0000000.png" in grids and f"samples/step_{STEPS:07d}.png" in grids, grids
     exported = load_pretrained(result.export_uri)
     assert exported.num_image_tokens == 16
-    run_dir = Path(cfg.train.storage_path) / cfg.name
-    checkpoints = sorted(p.name for p in run_dir.glob("checkpoint_0*"))
+    run_dir = f"{strip_scheme(cfg.train.storage_path)}/{cfg.name}"
+    checkpoints = sorted(p.rsplit("/", 1)[-1] for p in s3_filesystem().ls(run_dir) if "/checkpoint_0" in p)
     # checkpoint_every=3 and the last step: 3, 6, 8; keep_checkpoints=2 keeps the last two.
     assert checkpoints == ["checkpoint_0000006", "checkpoint_0000008"], checkpoints
     assert sorted(loss_history(cfg, result.mlflow_run_id)) == list(range(1, STEPS + 1))
