@@ -1,0 +1,344 @@
+"""The batched generation engine: text-to-image and editing with classifier-free guidance.
+
+One call runs many requests of mixed tasks and prompt lengths as one CFG batch (DESIGN.md §2.4):
+
+- every image gets its CFG rows: text-to-image 2 (cond, uncond), editing 3 (full, part, uncond);
+- the rows of one request are the same for all its `parallel_size` images, so only the distinct
+  rows are embedded and prefilled, and the KV cache is then copied out to every image's rows;
+- rows of different lengths are LEFT-padded, so every row's last position is its final <boi>;
+  the attention mask hides the padding and position ids count real tokens only, so a row sees
+  exactly what it would see alone;
+- each of the N steps feeds the sampled code's generation embedding to every row of its image.
+
+On CUDA the engine decodes on a static KV cache by default, and `compile_step=True` compiles
+the per-token step with `torch.compile(mode="reduce-overhead")` (CUDA graphs); on the CPU the
+eager dynamic-cache path is the default. One engine runs one batch at a time (a static cache is
+reused between calls): a server serialises calls to it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+from transformers import DynamicCache, JanusForConditionalGeneration, StaticCache
+
+from janus_lab.generation.requests import (
+    GenerationLimits,
+    GenerationRequest,
+    GenerationResult,
+    PreparedRequest,
+    validate_batch,
+)
+from janus_lab.generation.sampling import GuidedSampler, ImageSampling
+from janus_lab.model.builders import JanusBundle
+from janus_lab.model.objective import embed_inputs
+from janus_lab.model.sequence import NO_CODE, SequenceBuilder, TokenizedSample
+from janus_lab.model.vq import decode_vq_codes, encode_vq_codes, image_to_tensor, tensor_to_images
+
+# Static-cache shapes are rounded up so that batches of similar size reuse one cache (and one
+# captured CUDA graph) instead of compiling a new one per call.
+ROW_BUCKET = 4
+LENGTH_BUCKET = 128
+
+
+@dataclass
+class CfgBatch:
+    """Everything the decode loop needs, built from prepared requests before any LM call."""
+
+    prefill_embeds: torch.Tensor
+    """(P, L, D) input embeddings of the distinct rows, left-padded."""
+    prefill_mask: torch.Tensor
+    """(P, L) 1 for real tokens, 0 for padding."""
+    prefill_positions: torch.Tensor
+    """(P, L) position ids counting real tokens only."""
+    row_source: torch.Tensor
+    """(R,) the distinct row each generation row starts from."""
+    row_image: torch.Tensor
+    """(R,) the image each generation row belongs to."""
+    row_length: torch.Tensor
+    """(R,) real tokens of each generation row's prefix (its next position id)."""
+    sampler: GuidedSampler
+    """Mixes each image's rows and picks its next code."""
+    request_images: list[range]
+    """Per request, which images are its own."""
+
+    @property
+    def num_rows(self) -> int:
+        """R, CFG rows of the decode loop."""
+        return int(self.row_source.numel())
+
+    @property
+    def prefix_length(self) -> int:
+        """L, the padded prefix length."""
+        return int(self.prefill_mask.shape[1])
+
+
+class GenerationEngine:
+    """Generates images for batches of requests with one Janus model.
+
+    Args:
+        model: the Janus model (put in eval mode while it generates, then back as it was, so
+            a training loop can generate mid-run).
+        tokenizer: its tokenizer, with the Janus special tokens.
+        image_size: side of the images the model reads and writes.
+        num_image_tokens: N, codes per image.
+        limits: what one call accepts.
+        static_cache: decode on a preallocated static KV cache; None: only on CUDA.
+        compile_step: compile the per-token step with `torch.compile(mode="reduce-overhead")`
+            (needs the static cache; meant for CUDA, where it captures CUDA graphs).
+    """
+
+    def __init__(self, model: JanusForConditionalGeneration, tokenizer, *, image_size: int, num_image_tokens: int,
+                 limits: GenerationLimits = GenerationLimits(), static_cache: bool | None = None,
+                 compile_step: bool = False):
+        self.model = model
+        self.limits = limits
+        self.image_size = image_size
+        self.num_image_tokens = num_image_tokens
+        self.builder = SequenceBuilder(tokenizer, num_image_tokens, max_text_tokens=limits.max_text_tokens)
+        self.device = next(model.parameters()).device
+        self.static_cache = self.device.type == "cuda" if static_cache is None else static_cache
+        if compile_step and not self.static_cache:
+            raise ValueError("compile_step needs static_cache: a growing cache changes shapes every step")
+        self.compile_step = compile_step
+        self.max_sequence_length = int(model.config.text_config.max_position_embeddings)
+        self._step = torch.compile(self._decode_step, mode="reduce-overhead", dynamic=False) \
+            if compile_step else self._decode_step
+        self._cache_key: tuple | None = None
+        self._cache: StaticCache | None = None
+
+    @classmethod
+    def from_bundle(cls, bundle: JanusBundle, **kwargs) -> "GenerationEngine":
+        """An engine for a model bundle (`janus_lab.model.debug()`, `load_pretrained(...)`)."""
+        return cls(bundle.model, bundle.processor.tokenizer, image_size=bundle.image_size,
+                   num_image_tokens=bundle.num_image_tokens, **kwargs)
+
+    # ------------------------------------------------------------------ public API
+
+    def validate(self, requests: Sequence[GenerationRequest]) -> list[PreparedRequest]:
+        """Checks a batch against the limits and the model's context; no model compute.
+
+        Raises:
+            GenerationRequestError: naming the first bad field (`requests[i].field`).
+        """
+        return validate_batch(requests, self.limits, self.builder, self.max_sequence_length)
+
+    def generate(self, requests: Sequence[GenerationRequest], *, decode_images: bool = True) -> list[GenerationResult]:
+        """Validates a batch of requests, then generates all of them together.
+
+        Args:
+            requests: text-to-image and editing requests, in any mix.
+            decode_images: also decode the codes to PIL images.
+
+        Returns:
+            One result per request, in order.
+
+        Raises:
+            GenerationRequestError: a bad request; nothing was computed.
+        """
+        return self.generate_prepared(self.validate(requests), decode_images=decode_images)
+
+    @torch.inference_mode()
+    def generate_prepared(self, prepared: Sequence[PreparedRequest], *,
+                          decode_images: bool = True) -> list[GenerationResult]:
+        """Generates requests that already passed `validate` (a server validates on arrival).
+
+        Returns:
+            One result per request, in order.
+        """
+        # Every module's own mode is restored (not model.train(), which would also flip the
+        # frozen VQ tokenizer into training mode).
+        modes = [(module, module.training) for module in self.model.modules()]
+        self.model.eval()
+        try:
+            batch = self.build_cfg_batch(prepared)
+            codes = self._decode(batch).cpu()
+        finally:
+            for module, training in modes:
+                module.training = training
+        results = []
+        for item, images in zip(prepared, batch.request_images):
+            request_codes = codes[images.start:images.stop]
+            pictures = tensor_to_images(decode_vq_codes(self.model, request_codes)) if decode_images else []
+            results.append(GenerationResult(codes=request_codes, images=pictures, seed=item.seed))
+        return results
+
+    def generate_in_batches(self, requests: Sequence[GenerationRequest], *, max_images: int | None = None,
+                            decode_images: bool = True) -> Iterator[tuple[int, GenerationResult]]:
+        """Generates any number of requests, at most `max_images` images per engine batch.
+
+        Every request is validated here, before this returns, so a bad one stops the whole run
+        before any compute. Results do not depend on how the requests are split into batches.
+
+        Returns:
+            An iterator of (request index, result), in request order.
+
+        Raises:
+            GenerationRequestError: a bad request (`requests[i].field`).
+        """
+        max_images = min(max_images or self.limits.max_batch_images, self.limits.max_batch_images)
+        prepared = validate_batch(requests, self.limits, self.builder, self.max_sequence_length,
+                                  check_batch_size=False)
+        return self._generate_chunks(prepared, max_images, decode_images)
+
+    def _generate_chunks(self, prepared: list[PreparedRequest], max_images: int,
+                         decode_images: bool) -> Iterator[tuple[int, GenerationResult]]:
+        chunk: list[int] = []
+        images = 0
+        for index, item in enumerate(prepared):
+            if chunk and images + item.request.parallel_size > max_images:
+                yield from zip(chunk, self.generate_prepared([prepared[i] for i in chunk], decode_images=decode_images))
+                chunk, images = [], 0
+            chunk.append(index)
+            images += item.request.parallel_size
+        if chunk:
+            yield from zip(chunk, self.generate_prepared([prepared[i] for i in chunk], decode_images=decode_images))
+
+    # ------------------------------------------------------------------ batch building
+
+    @torch.inference_mode()
+    def build_cfg_batch(self, prepared: Sequence[PreparedRequest]) -> CfgBatch:
+        """Lays out the CFG rows of every image of every request and embeds the distinct ones.
+
+        Runs the VQ encoder (input images -> codes) and the embeddings; not the language model.
+        """
+        side, pad = self.image_size, self.builder.special.pad
+        input_pixels = [image_to_tensor(image, side) for item in prepared for image in item.images]
+        input_codes = (encode_vq_codes(self.model, torch.stack(input_pixels)).tolist() if input_pixels else [])
+
+        distinct: list[TokenizedSample] = []
+        distinct_pixels: list[torch.Tensor] = []
+        row_source, row_image, cond_rows, uncond_rows, part_rows = [], [], [], [], []
+        images: list[ImageSampling] = []
+        request_images: list[range] = []
+        next_input = 0
+        for item in prepared:
+            request, k = item.request, len(item.images)
+            codes = input_codes[next_input:next_input + k]
+            pixels = input_pixels[next_input:next_input + k]
+            next_input += k
+            first = self.builder.prefix(request.prompt, input_codes=codes)
+            kinds = [first, self.builder.partial(first), self.builder.unconditional(first)] if k else \
+                [first, self.builder.unconditional(first)]
+            base = len(distinct)
+            for sample in kinds:
+                distinct.append(sample)
+                distinct_pixels.extend(pixels[:sample.num_input_images])
+            request_images.append(range(len(images), len(images) + request.parallel_size))
+            for j in range(request.parallel_size):
+                rows = list(range(len(row_source), len(row_source) + len(kinds)))
+                row_source.extend(base + r for r in range(len(kinds)))
+                row_image.extend([len(images)] * len(kinds))
+                cond_rows.append(rows[0])
+                uncond_rows.append(rows[-1])
+                part_rows.append(rows[1] if k else -1)
+                images.append(ImageSampling(
+                    cfg_weight=float(request.cfg_weight), cfg_weight2=float(request.cfg_weight2),
+                    temperature=float(request.temperature), top_k=request.top_k,
+                    top_p=None if request.top_p is None else float(request.top_p), seed=item.seed, index=j))
+
+        length = max(len(s) for s in distinct)
+        ids = torch.full((len(distinct), length), pad, dtype=torch.long)
+        gen_codes = torch.full((len(distinct), length), NO_CODE, dtype=torch.long)
+        mask = torch.zeros((len(distinct), length), dtype=torch.long)
+        for row, sample in enumerate(distinct):
+            ids[row, length - len(sample):] = torch.tensor(sample.input_ids)
+            gen_codes[row, length - len(sample):] = torch.tensor(sample.gen_codes)
+            mask[row, length - len(sample):] = 1
+        positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)
+        dtype = self.model.model.get_input_embeddings().weight.dtype
+        pixel_values = torch.stack(distinct_pixels).to(self.device, dtype) if distinct_pixels else None
+        embeds = embed_inputs(self.model, ids.to(self.device), gen_codes.to(self.device), pixel_values)
+        source = torch.tensor(row_source, dtype=torch.long)
+        return CfgBatch(
+            prefill_embeds=embeds,
+            prefill_mask=mask.to(self.device),
+            prefill_positions=positions.to(self.device),
+            row_source=source.to(self.device),
+            row_image=torch.tensor(row_image, dtype=torch.long, device=self.device),
+            row_length=mask.sum(dim=-1)[source].to(self.device),
+            sampler=GuidedSampler(images, cond_rows, uncond_rows, part_rows, self.num_image_tokens, self.device),
+            request_images=request_images,
+        )
+
+    # ------------------------------------------------------------------ decoding
+
+    def _decode(self, batch: CfgBatch) -> torch.Tensor:
+        """Prefill + N-1 cached steps; returns (I, N) codes on the model's device."""
+        core = self.model.model
+        n = self.num_image_tokens
+        prefill_cache = DynamicCache(config=core.language_model.config)
+        hidden = core.language_model(inputs_embeds=batch.prefill_embeds, attention_mask=batch.prefill_mask,
+                                     position_ids=batch.prefill_positions, past_key_values=prefill_cache,
+                                     use_cache=True).last_hidden_state[:, -1]
+        row_logits = core.generation_head(hidden).float().index_select(0, batch.row_source)
+
+        rows, length = batch.num_rows, batch.prefix_length
+        if self.static_cache:
+            cache, rows, capacity = self._static_cache_from(prefill_cache, batch)
+        else:
+            cache, capacity = prefill_cache, length + n
+            cache.batch_select_indices(batch.row_source)  # distinct rows -> every image's rows
+        # Padding is on the left, so one mask serves every step: a growing cache reads a prefix of
+        # it, a static one reads all of it (causality hides the slots not written yet).
+        full_mask = torch.ones((rows, capacity), dtype=torch.long, device=self.device)
+        full_mask[:batch.num_rows, :length] = batch.prefill_mask.index_select(0, batch.row_source)
+        row_image = _pad_rows(batch.row_image, rows)
+        row_length = _pad_rows(batch.row_length, rows)
+
+        codes = torch.empty((batch.sampler.num_images, n), dtype=torch.long, device=self.device)
+        for step in range(n):
+            next_codes = batch.sampler(row_logits[:batch.num_rows], step)
+            codes[:, step] = next_codes
+            if step == n - 1:
+                break
+            embeds = self.model.prepare_embeddings_for_image_generation(next_codes).index_select(0, row_image)
+            mask = full_mask if self.static_cache else full_mask[:, :length + step + 1]
+            if self.compile_step:
+                # Each step is a new iteration for CUDA graphs: the previous step's logits
+                # (already consumed by the sampler) may be overwritten.
+                torch.compiler.cudagraph_mark_step_begin()
+            row_logits = self._step(embeds.unsqueeze(1), (row_length + step).unsqueeze(1), mask, cache)
+        return codes
+
+    def _decode_step(self, embeds: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache) -> torch.Tensor:
+        """One token for every row: (R, 1, D) embeddings -> (R, V) float32 generation logits."""
+        core = self.model.model
+        hidden = core.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                                     past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
+        return core.generation_head(hidden).float()
+
+    def _static_cache_from(self, prefill_cache: DynamicCache, batch: CfgBatch) -> tuple[StaticCache, int, int]:
+        """Copies the prefilled rows into a (reused) static cache.
+
+        Returns:
+            The cache, its rows and its length (both rounded up to their buckets).
+        """
+        rows = _round_up(batch.num_rows, ROW_BUCKET)
+        capacity = _round_up(batch.prefix_length + self.num_image_tokens, LENGTH_BUCKET)
+        dtype = batch.prefill_embeds.dtype
+        key = (rows, capacity, dtype)
+        if self._cache_key != key:
+            self._cache = StaticCache(config=self.model.model.language_model.config, max_cache_len=capacity)
+            self._cache_key = key
+        cache = self._cache
+        cache.reset()
+        # Filler rows (up to the bucket) copy row 0: they compute garbage nobody reads, but
+        # keep the shapes, and so the compiled step, the same across calls.
+        source = _pad_rows(batch.row_source, rows)
+        for static_layer, layer in zip(cache.layers, prefill_cache.layers):
+            static_layer.update(layer.keys.index_select(0, source), layer.values.index_select(0, source))
+        return cache, rows, capacity
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def _pad_rows(values: torch.Tensor, rows: int) -> torch.Tensor:
+    """Extends a per-row tensor to `rows` entries by repeating its first entry."""
+    if values.shape[0] == rows:
+        return values
+    return torch.cat([values, values[:1].expand(rows - values.shape[0], *values.shape[1:])])

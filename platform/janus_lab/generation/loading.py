@@ -1,0 +1,79 @@
+"""Where a model to generate with comes from: a folder, an `s3://` prefix or the MLflow registry."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from janus_lab.model.builders import JanusBundle, debug
+from janus_lab.model.weights import load_pretrained
+
+REGISTRY_SCHEME = "models:/"
+DEBUG_MODEL = "debug"
+"""`model=debug`: the tiny random-weight preset, for smoke runs without a checkpoint."""
+
+
+class ModelSourceError(ValueError):
+    """A model URI that cannot be resolved to a checkpoint folder."""
+
+
+def resolve_model_uri(uri: str, download_dir: str | os.PathLike | None = None) -> str:
+    """Turns `models:/name@alias` (or `models:/name/version`) into a local checkpoint folder.
+
+    Other URIs (local folders, `s3://` prefixes) are returned unchanged: `load_pretrained`
+    reads them. The registry form downloads the registered version's artifacts through
+    `mlflow.artifacts.download_artifacts`, from the tracking/registry server in the
+    environment (MLFLOW_TRACKING_URI).
+
+    Raises:
+        ModelSourceError: mlflow is not installed, or the download holds no Hugging Face
+            checkpoint folder (a `config.json`).
+    """
+    if not uri.startswith(REGISTRY_SCHEME):
+        return uri
+    try:
+        import mlflow.artifacts
+    except ImportError:
+        raise ModelSourceError(
+            f"{uri} is a model registry URI, which needs mlflow (`pip install mlflow`); "
+            "or pass the checkpoint folder or s3:// prefix instead") from None
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=download_dir))
+    except Exception as err:  # noqa: BLE001 - MLflow raises many types; all mean "not found here"
+        raise ModelSourceError(f"could not download {uri} from the MLflow registry: {err}") from err
+    return str(find_checkpoint_folder(local, uri))
+
+
+def find_checkpoint_folder(root: Path, uri: str = "") -> Path:
+    """The folder holding `config.json` in a downloaded model: the root or one level below.
+
+    A registered model may be the export folder itself or a run's artifacts with the export
+    in a subfolder (e.g. `export/`).
+
+    Raises:
+        ModelSourceError: no such folder, or more than one.
+    """
+    if (root / "config.json").exists():
+        return root
+    found = sorted(path.parent for path in root.glob("*/config.json"))
+    if len(found) != 1:
+        what = "no" if not found else f"{len(found)}"
+        raise ModelSourceError(f"{uri or root} holds {what} Hugging Face checkpoint folders (config.json)"
+                               + (f": {', '.join(str(p) for p in found)}" if found else ""))
+    return found[0]
+
+
+def load_generation_model(uri: str, device: str | torch.device = "cpu",
+                          dtype: torch.dtype | None = None) -> JanusBundle:
+    """Loads the model a generation run names: a checkpoint, a registry URI or `debug`.
+
+    Args:
+        uri: checkpoint folder, `s3://` prefix, `models:/name@alias`, or `debug`.
+        device: where the weights go.
+        dtype: parameter dtype (None: as saved; float32 for `debug`).
+    """
+    if uri == DEBUG_MODEL:
+        return debug(dtype=dtype or torch.float32, device=device)
+    return load_pretrained(resolve_model_uri(uri), dtype=dtype, device=device)
