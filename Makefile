@@ -77,3 +77,13 @@ demo: venv
 	$(MAKE) up
 	$(MAKE) sample-data
 	bash infra/local/demo.sh
+
+# --- generation ---
+#   make generate PROMPT="a red circle" MODEL=debug   images + contact sheet in outputs/generated
+
+MODEL ?= debug
+PROMPT ?= a red circle on a blue square
+
+.PHONY: generate
+generate: | $(PY)
+	$(PY) jobs/generate.py model=$(MODEL) prompt="$(PROMPT)"
