@@ -71,7 +71,7 @@ sample-data: | $(PY)
 
 .PHONY: test demo
 test: venv
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 demo: venv
 	$(MAKE) up

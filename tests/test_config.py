@@ -95,7 +95,7 @@ def test_debug_yaml_values():
     assert cfg.data.uri == "data/sample-shards"
     t = cfg.train
     assert (t.num_workers, t.use_gpu, t.micro_batch_size, t.global_batch_size) == (2, False, 2, 4)
-    assert (t.epochs, t.max_steps, t.lr, t.report_every, t.checkpoint_every) == (1, 20, 1e-3, 2, 10)
+    assert (t.epochs, t.max_steps, t.lr, t.report_every, t.checkpoint_every) == (1, 20, 1e-2, 2, 10)
     assert t.gradient_accumulation_steps == 1
 
 
@@ -386,7 +386,7 @@ def test_gradient_accumulation_steps():
 
 def test_flatten_gives_dotted_leaf_keys():
     flat = flatten(load_config(ExperimentConfig, DEBUG_YAML))
-    assert flat["train.lr"] == 1e-3 and flat["model.preset"] == "debug" and flat["name"] == "debug"
+    assert flat["train.lr"] == 1e-2 and flat["model.preset"] == "debug" and flat["name"] == "debug"
     assert flat["tracking.run_name"] is None
     assert not any(isinstance(v, dict) for v in flat.values())
 

@@ -44,7 +44,10 @@ def config(dataset, tmp_path, name: str, *overrides: str) -> ExperimentConfig:
     return load_config(ExperimentConfig, "jobs/configs/debug.yaml", [
         f"name={name}", f"data.uri={dataset}", f"train.storage_path={tmp_path / 'runs'}",
         f"train.max_steps={STEPS}", "train.report_every=1", "train.checkpoint_every=3", "train.eval_every=4",
-        "train.lr=1e-2", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", *overrides,
+        "train.lr=1e-2", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        # 2 workers x 2 samples x 2 accumulation; 40 training rows give 5 steps an epoch, so the
+        # run crosses an epoch boundary.
+        "train.global_batch_size=8", "train.epochs=2", *overrides,
     ])
 
 

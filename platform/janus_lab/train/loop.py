@@ -151,6 +151,8 @@ def train_loop_per_worker(plan_dict: dict) -> None:
         for batch in stream:
             batch = {k: v.to(device) for k, v in batch.items()}
             task_is_t2i = batch.pop("task_is_t2i")
+            # Reduce-scatter gradients only on the micro-batch that ends an accumulation window.
+            objective.set_requires_gradient_sync((progress.micro_batches_in_epoch + 1) % accumulation == 0)
             out = objective(**batch)
             (out.loss / accumulation).backward()
             window.add(out, task_is_t2i, int(batch["attention_mask"].sum()))
