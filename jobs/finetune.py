@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"finished {result.run_name}: export {result.export_uri}")
     print(f"latest checkpoint {result.checkpoint_path}")
     print(f"MLflow run: {result.mlflow_url}")
+    print(f"MLflow run id: {result.mlflow_run_id}")
     return 0
 
 

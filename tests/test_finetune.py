@@ -21,7 +21,7 @@ from synthetic_shards import write_synthetic_dataset
 
 pytestmark = pytest.mark.integration
 
-STEPS = 8
+STEPS = 6
 
 
 @pytest.fixture(scope="module")
@@ -43,10 +43,10 @@ def dataset(tmp_path_factory):
 def config(dataset, tmp_path, name: str, *overrides: str) -> ExperimentConfig:
     return load_config(ExperimentConfig, "jobs/configs/debug.yaml", [
         f"name={name}", f"data.uri={dataset}", f"train.storage_path={tmp_path / 'runs'}",
-        f"train.max_steps={STEPS}", "train.report_every=1", "train.checkpoint_every=3", "train.eval_every=4",
+        f"train.max_steps={STEPS}", "train.report_every=1", "train.checkpoint_every=3", "train.eval_every=6",
         "train.lr=1e-2", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
         # 2 workers x 2 samples x 2 accumulation; 40 training rows give 5 steps an epoch, so the
-        # run crosses an epoch boundary.
+        # run crosses an epoch boundary after the first checkpoint (step 3).
         "train.global_batch_size=8", "train.epochs=2", *overrides,
     ])
 
@@ -95,8 +95,8 @@ def test_training_lowers_validation_nll_and_exports(uninterrupted, local_stack):
     assert exported.num_image_tokens == 16
     run_dir = f"{strip_scheme(cfg.train.storage_path)}/{cfg.name}"
     checkpoints = sorted(p.rsplit("/", 1)[-1] for p in s3_filesystem().ls(run_dir) if "/checkpoint_0" in p)
-    # checkpoint_every=3 and the last step: 3, 6, 8; keep_checkpoints=2 keeps the last two.
-    assert checkpoints == ["checkpoint_0000006", "checkpoint_0000008"], checkpoints
+    # checkpoint_every=3: steps 3 and 6 (the last); keep_checkpoints=2 keeps both.
+    assert checkpoints == ["checkpoint_0000003", "checkpoint_0000006"], checkpoints
     assert sorted(loss_history(cfg, result.mlflow_run_id)) == list(range(1, STEPS + 1))
 
 
