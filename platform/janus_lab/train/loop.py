@@ -122,10 +122,9 @@ def train_loop_per_worker(plan_dict: dict) -> None:
     # The validation split is small and read at every evaluation: read it once.
     val_rows = list(ray.train.get_dataset_shard("val").iter_rows()) if plan.val_rows else []
 
-    def validate_and_log(step: int) -> dict:
+    def evaluate(step: int) -> dict:
+        """Validation metrics (returned, logged by the caller) and a sample grid (logged here)."""
         metrics = validate(objective, builder, val_rows, cfg, device) if val_rows else {}
-        if logger and metrics:
-            logger.log_metrics(metrics, step)
         if plan.sample_prompts:
             grid = sample_grid(objective, bundle, plan.sample_prompts, seed=cfg.train.seed)
             if logger:
@@ -133,7 +132,9 @@ def train_loop_per_worker(plan_dict: dict) -> None:
         return metrics
 
     if state.progress.step == 0 and plan.val_rows:
-        initial = validate_and_log(0)
+        initial = evaluate(0)
+        if logger and initial:
+            logger.log_metrics(initial, 0)
         if rank == 0 and initial:
             print(f"step 0 validation: {_fmt(initial)}", flush=True)
 
@@ -171,8 +172,9 @@ def train_loop_per_worker(plan_dict: dict) -> None:
             if step % cfg.train.report_every == 0 or last_of_run or step % cfg.train.checkpoint_every == 0:
                 metrics = window.reduce(device, num_params, peak, world)
                 metrics.update(lr=scheduler.get_last_lr()[0], grad_norm=float(grad_norm), epoch=epoch)
-                if plan.val_rows and cfg.train.eval_every and (step % cfg.train.eval_every == 0 or last_of_run):
-                    metrics.update(validate_and_log(step))
+                # eval_every=0 means at the end only.
+                if plan.val_rows and (last_of_run or (cfg.train.eval_every and step % cfg.train.eval_every == 0)):
+                    metrics.update(evaluate(step))
                 if rank == 0:
                     print(f"step {step}/{plan.total_steps} {_fmt(metrics)}", flush=True)
                 if logger:
