@@ -21,6 +21,7 @@ import torch
 
 from janus_lab.config import ConfigError, load_config
 from janus_lab.registry import PromoteConfig, is_better
+from registry_runs import make_run as log_finished_run
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENT = f"promote-tests-{os.getpid()}"
@@ -92,19 +93,7 @@ def client(local_stack):
 
 def make_run(local_stack, export_uri: str | None, val_nll: float, val_accuracy: float = 0.5) -> str:
     """A finished run as `run_finetune` leaves it; returns its id."""
-    from janus_lab.tracking import RunLogger
-
-    logger = RunLogger.open_run(
-        local_stack.mlflow_tracking_uri, EXPERIMENT, f"run-{uuid.uuid4().hex[:6]}", params={"train.lr": 1e-2},
-        tags={"git_commit": "0123abc", "dataset_uri": "s3://janus-lab/datasets/sample",
-              "dataset_fingerprint": "fp-sample-1", "ray_train_run": "debug"})
-    logger.log_metrics({"loss": 7.0, "val_nll": val_nll + 1, "val_accuracy": val_accuracy / 2}, step=4)
-    logger.log_metrics({"loss": 6.0, "val_nll": val_nll, "val_accuracy": val_accuracy,
-                        "val_t2i_nll": val_nll - 0.1}, step=8)  # the latest value is the one that counts
-    if export_uri is not None:
-        logger.set_tags({"export_uri": export_uri})
-    logger.end()
-    return logger.run_id
+    return log_finished_run(local_stack.mlflow_tracking_uri, EXPERIMENT, export_uri, val_nll, val_accuracy)
 
 
 def unique_name() -> str:

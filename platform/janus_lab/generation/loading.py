@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -77,3 +78,50 @@ def load_generation_model(uri: str, device: str | torch.device = "cpu",
     if uri == DEBUG_MODEL:
         return debug(dtype=dtype or torch.float32, device=device)
     return load_pretrained(resolve_model_uri(uri), dtype=dtype, device=device)
+
+
+@dataclass(frozen=True)
+class RegisteredVersion:
+    """The registry version a `models:/` URI points at right now."""
+
+    name: str
+    version: str
+    run_id: str | None
+    alias: str | None = None
+    """The alias the URI named (`champion`), or None for `models:/name/version`."""
+
+    @property
+    def uri(self) -> str:
+        """The version's own URI, stable when the alias moves on."""
+        return f"{REGISTRY_SCHEME}{self.name}/{self.version}"
+
+
+def registered_version(uri: str, client=None) -> RegisteredVersion | None:
+    """Resolves `models:/name@alias` or `models:/name/version` to its version and run.
+
+    Returns:
+        None for URIs outside the registry (folders, `s3://` prefixes, `debug`).
+
+    Raises:
+        ModelSourceError: a malformed registry URI, or a name, alias or version the registry
+            does not have.
+    """
+    if not uri.startswith(REGISTRY_SCHEME):
+        return None
+    rest = uri[len(REGISTRY_SCHEME):].strip("/")
+    name, alias, version = rest, None, None
+    if "@" in rest:
+        name, alias = rest.split("@", 1)
+    elif "/" in rest:
+        name, version = rest.rsplit("/", 1)
+    if not name or (alias is None and version is None) or alias == "" or version == "":
+        raise ModelSourceError(f"{uri}: expected models:/<name>@<alias> or models:/<name>/<version>")
+    if client is None:
+        from mlflow import MlflowClient
+
+        client = MlflowClient()
+    try:
+        found = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
+    except Exception as err:  # noqa: BLE001 - MLflow raises RestException and friends
+        raise ModelSourceError(f"{uri} is not in the MLflow registry: {err}") from err
+    return RegisteredVersion(name=name, version=str(found.version), run_id=found.run_id, alias=alias)

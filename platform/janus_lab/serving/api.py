@@ -1,0 +1,290 @@
+"""The HTTP API: OpenAI-style image endpoints in front of the model deployment.
+
+    POST /v1/images/generations   JSON {prompt, n, cfg_weight, temperature, seed, response_format}
+    POST /v1/images/edits         multipart: image (one or more files), prompt, n, cfg_weight,
+                                  cfg_weight2, temperature, seed, response_format
+    GET  /v1/models               the registered version being served, and its run
+    GET  /healthz
+
+Errors use OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, with `param`
+naming the offending field. Everything a request can get wrong is checked here or in the model
+deployment's `validate_request` before any generation; a full queue is a 503 with Retry-After.
+"""
+
+# No `from __future__ import annotations`: FastAPI must see `request: Request` as a type, not a string.
+
+import base64
+import io
+import math
+import time
+import warnings
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from PIL import Image
+from ray import serve
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
+from starlette.datastructures import UploadFile
+
+from janus_lab.generation.requests import SEED_LIMIT
+from janus_lab.serving.settings import ServeArgs, ServeLimits
+
+RESPONSE_FORMATS = ("b64_json", "png")
+RETRY_AFTER_S = 1
+"""What a 503 tells clients to wait; a batch on the debug model takes about that long."""
+
+GENERATION_FIELDS = {"prompt", "n", "cfg_weight", "temperature", "seed", "response_format", "top_k", "top_p",
+                     "model", "size", "user"}
+EDIT_FIELDS = GENERATION_FIELDS | {"cfg_weight2", "image", "image[]"}
+"""Accepted keys; `model`, `size` and `user` are what OpenAI clients send (model and user are
+ignored, size must match the model's)."""
+
+
+class ApiError(Exception):
+    """A request the API refuses: the HTTP status, the field, and why."""
+
+    def __init__(self, status: int, param: str | None, message: str):
+        super().__init__(message)
+        self.status, self.param, self.message = status, param, message
+
+
+def error_response(status: int, param: str | None, message: str, headers: dict | None = None) -> JSONResponse:
+    kind = "invalid_request_error" if status < 500 else ("overloaded" if status == 503 else "server_error")
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": status}},
+                        status_code=status, headers=headers)
+
+
+# --------------------------------------------------------------------------- field parsing
+
+
+def _integer(value: Any, name: str, minimum: int, maximum: int, *, from_text: bool) -> int:
+    if from_text and isinstance(value, str):
+        try:
+            value = int(value.strip())
+        except ValueError:
+            raise ApiError(400, name, f"{name}: must be an integer, got {value!r}") from None
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ApiError(400, name, f"{name}: must be an integer, got {value!r}")
+    if not minimum <= value <= maximum:
+        raise ApiError(400, name, f"{name}: must be between {minimum} and {maximum}, got {value}")
+    return value
+
+
+def _number(value: Any, name: str, *, from_text: bool) -> float:
+    if from_text and isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise ApiError(400, name, f"{name}: must be a number, got {value!r}") from None
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise ApiError(400, name, f"{name}: must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ApiError(400, name, f"{name}: must be finite, got {value}")
+    if value < 0:
+        raise ApiError(400, name, f"{name}: must be >= 0, got {value}")
+    return float(value)
+
+
+def parse_fields(fields: dict[str, Any], allowed: set[str], limits: ServeLimits, image_size: int | None,
+                 *, from_text: bool) -> tuple[dict[str, Any], str]:
+    """Checks a request's scalar fields; returns the model payload and the response format.
+
+    Args:
+        fields: the JSON body, or the multipart form's text fields (`from_text`: values are
+            strings and are converted).
+        allowed: the endpoint's accepted keys.
+        limits: the configured limits.
+        image_size: the served model's side, to check `size` against (None: unknown yet).
+
+    Raises:
+        ApiError: 400 naming the first bad field.
+    """
+    for key in fields:
+        if key not in allowed:
+            raise ApiError(400, key, f"{key}: unknown field; accepted: {', '.join(sorted(allowed))}")
+    prompt = fields.get("prompt")
+    if prompt is None:
+        raise ApiError(400, "prompt", "prompt: is required")
+    if not isinstance(prompt, str):
+        raise ApiError(400, "prompt", f"prompt: must be a string, got {type(prompt).__name__}")
+    if not prompt.strip():
+        raise ApiError(400, "prompt", "prompt: is empty")
+    payload: dict[str, Any] = {"prompt": prompt}
+    if fields.get("n") is not None:
+        payload["parallel_size"] = _integer(fields["n"], "n", 1, limits.max_n, from_text=from_text)
+    for name in ("cfg_weight", "cfg_weight2", "temperature"):
+        if fields.get(name) is not None:
+            payload[name] = _number(fields[name], name, from_text=from_text)
+    if fields.get("top_k") is not None:
+        payload["top_k"] = _integer(fields["top_k"], "top_k", 1, 1 << 20, from_text=from_text)
+    if fields.get("top_p") is not None:
+        top_p = _number(fields["top_p"], "top_p", from_text=from_text)
+        if not 0 < top_p <= 1:
+            raise ApiError(400, "top_p", f"top_p: must be in (0, 1], got {top_p}")
+        payload["top_p"] = top_p
+    if fields.get("seed") is not None:
+        payload["seed"] = _integer(fields["seed"], "seed", 0, SEED_LIMIT - 1, from_text=from_text)
+    response_format = fields.get("response_format") or "b64_json"
+    if response_format not in RESPONSE_FORMATS:
+        raise ApiError(400, "response_format",
+                       f"response_format: must be one of {', '.join(RESPONSE_FORMATS)}, got {response_format!r}")
+    if response_format == "png" and payload.get("parallel_size", 1) != 1:
+        raise ApiError(400, "response_format", "response_format: png returns one image; use n=1 or b64_json")
+    size = fields.get("size")
+    if size is not None and image_size is not None and size not in ("auto", f"{image_size}x{image_size}"):
+        raise ApiError(400, "size", f"size: this model generates {image_size}x{image_size}, got {size!r}")
+    return payload, response_format
+
+
+def check_image(data: bytes, limits: ServeLimits, name: str) -> None:
+    """Size in bytes, then pixels from the header; the image itself is not decoded here.
+
+    Raises:
+        ApiError: 413 past the upload limit; 400 for no image or too many pixels.
+    """
+    if len(data) > limits.max_upload_bytes:
+        raise ApiError(413, name, f"{name}: {len(data)} bytes, more than the limit of {limits.max_upload_bytes}")
+    if not data:
+        raise ApiError(400, name, f"{name}: is empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            width, height = Image.open(io.BytesIO(data)).size
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ApiError(400, name, f"{name}: claims too many pixels ({err})") from None
+    except Exception as err:  # noqa: BLE001 - whatever PIL raises, it is not an image
+        raise ApiError(400, name, f"{name}: is not an image PIL can read ({type(err).__name__})") from None
+    if width * height > limits.max_input_pixels:
+        raise ApiError(400, name, f"{name}: {width}x{height} = {width * height} pixels, "
+                                  f"more than the limit of {limits.max_input_pixels}")
+
+
+# --------------------------------------------------------------------------- the deployment
+
+app = FastAPI(title="janus-lab images", description="Text-to-image and editing with a Janus-4o-style model")
+
+
+@app.exception_handler(ApiError)
+async def _api_error(_: Request, err: ApiError) -> JSONResponse:
+    return error_response(err.status, err.param, err.message)
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(_: Request, err: RequestValidationError) -> JSONResponse:
+    first = err.errors()[0] if err.errors() else {}
+    param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+    return error_response(400, param, f"{param}: {first.get('msg', 'invalid request')}")
+
+
+@serve.deployment(name="ImageApi", max_ongoing_requests=256, ray_actor_options={"num_cpus": 0})
+@serve.ingress(app)
+class ImageApi:
+    """Parses and checks HTTP requests, then awaits the model deployment.
+
+    Args:
+        model: handle of the `ImageModel` deployment.
+        args: the application's `args` (limits).
+    """
+
+    def __init__(self, model: DeploymentHandle, args: dict[str, Any]):
+        self.model = model
+        self.limits = ServeArgs.parse(args).limits
+        self.last_model: dict[str, Any] | None = None
+
+    @app.get("/healthz")
+    async def healthz(self) -> dict[str, Any]:
+        return {"status": "ok", "model": self.last_model}
+
+    @app.get("/v1/models")
+    async def models(self) -> Response:
+        try:
+            info = await self.model.info.remote()
+        except BackPressureError:
+            return self._overloaded()
+        self.last_model = info
+        return JSONResponse({"object": "list", "data": [{"object": "model", "owned_by": "janus-lab", **info}]})
+
+    @app.post("/v1/images/generations")
+    async def generations(self, request: Request) -> Response:
+        try:
+            body = await request.json()
+        except Exception:  # noqa: BLE001 - any parse failure is the client's
+            raise ApiError(400, None, "the body must be a JSON object") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, None, f"the body must be a JSON object, got {type(body).__name__}")
+        payload, response_format = parse_fields(body, GENERATION_FIELDS, self.limits, self._image_size(),
+                                                from_text=False)
+        return await self._generate(payload, response_format)
+
+    @app.post("/v1/images/edits")
+    async def edits(self, request: Request) -> Response:
+        most = self.limits.max_input_images * self.limits.max_upload_bytes + (1 << 20)
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > most:
+            raise ApiError(413, "image", f"the request has {length} bytes, more than the limit of {most}")
+        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+            raise ApiError(400, None, "edits take multipart/form-data: image files plus prompt and settings")
+        try:
+            form = await request.form(max_files=self.limits.max_input_images + 1)
+        except Exception as err:  # noqa: BLE001 - malformed multipart bodies
+            raise ApiError(400, "image", f"could not read the form: {err}") from None
+        files: list[UploadFile] = []
+        fields: dict[str, Any] = {}
+        for key, value in form.multi_items():
+            if key in ("image", "image[]"):
+                if not isinstance(value, UploadFile):
+                    raise ApiError(400, "image", "image: must be a file upload")
+                files.append(value)
+            elif key in fields:
+                raise ApiError(400, key, f"{key}: given more than once")
+            else:
+                fields[key] = value
+        for key, value in fields.items():
+            if isinstance(value, UploadFile):
+                raise ApiError(400, key, f"{key}: must be a form field, not a file")
+        payload, response_format = parse_fields(fields, EDIT_FIELDS, self.limits, self._image_size(),
+                                                from_text=True)
+        if not files:
+            raise ApiError(400, "image", "image: an edit needs at least one input image file")
+        if len(files) > self.limits.max_input_images:
+            raise ApiError(400, "image", f"image: {len(files)} files, more than the limit of "
+                                         f"{self.limits.max_input_images}")
+        images = []
+        for index, upload in enumerate(files):
+            data = await upload.read(self.limits.max_upload_bytes + 1)
+            check_image(data, self.limits, f"image[{index}]")
+            images.append(data)
+        payload["input_images"] = images
+        return await self._generate(payload, response_format)
+
+    async def _generate(self, payload: dict[str, Any], response_format: str) -> Response:
+        try:
+            result = await self.model.generate.remote(payload)
+        except BackPressureError:
+            return self._overloaded()
+        if "error" in result:
+            error = result["error"]
+            param = error["param"].removeprefix("input_images").replace("parallel_size", "n")
+            param = f"image{param}" if error["param"].startswith("input_images") else param
+            raise ApiError(400, param, error["message"])
+        self.last_model = result["model"]
+        headers = {"X-Seed": str(result["seed"]), "X-Model-Version": str(result["model"]["version"])}
+        if response_format == "png":
+            return Response(result["images"][0], media_type="image/png", headers=headers)
+        return JSONResponse({
+            "created": int(time.time()),
+            "data": [{"b64_json": base64.b64encode(png).decode("ascii")} for png in result["images"]],
+            "seed": result["seed"],
+            "model": result["model"],
+        }, headers=headers)
+
+    def _image_size(self) -> int | None:
+        return self.last_model["image_size"] if self.last_model else None
+
+    @staticmethod
+    def _overloaded() -> JSONResponse:
+        return error_response(503, None, "the server is at its queue limit; retry later",
+                              headers={"Retry-After": str(RETRY_AFTER_S)})

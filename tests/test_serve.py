@@ -1,0 +1,366 @@
+"""The image server (`serve/`, `janus_lab.serving`): request checks, and the whole application on
+Ray Serve over HTTP on 127.0.0.1, serving the registry's champion on the local stack.
+
+The integration part deploys `serve/config.yaml`'s deployments (their options as written, with
+the overrides below so that autoscaling and overload show within seconds) and then, in order:
+answers T2I and edit requests, refuses bad ones with 4xx, follows the champion alias when a
+promotion moves it (no request failing meanwhile), scales from 1 to 2 replicas under load and
+back, and answers 503 past the queue limit with nothing else failing.
+"""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import copy
+import io
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+from janus_lab.config import ConfigError
+from janus_lab.serving import ModelUserConfig, ServeArgs, ServeLimits, build_app
+from janus_lab.serving.api import ApiError, check_image, parse_fields, GENERATION_FIELDS, EDIT_FIELDS
+from registry_runs import make_run
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "serve" / "config.yaml"
+EXPERIMENT = f"serve-tests-{os.getpid()}"
+
+
+def png_bytes(size=(64, 64), color=(200, 30, 30), mode="RGB") -> bytes:
+    buffer = io.BytesIO()
+    Image.new(mode, size, color if mode == "RGB" else 0).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def serve_config() -> dict:
+    return yaml.safe_load(CONFIG.read_text())
+
+
+# --------------------------------------------------------------------------- unit: no cluster
+
+
+def test_config_file_is_a_valid_serve_config_whose_args_and_user_config_parse(monkeypatch):
+    from ray.serve.schema import ServeDeploySchema
+
+    config = serve_config()
+    ServeDeploySchema.model_validate(config)  # what `serve run` / `serve deploy` check
+    (application,) = config["applications"]
+    assert application["import_path"] == "serve.app:build"
+    args = ServeArgs.parse(application["args"])
+    assert args.model == "models:/janus-4o@champion"
+    deployments = {d["name"]: d for d in application["deployments"]}
+    assert set(deployments) == {"ImageModel", "ImageApi"}
+    model = deployments["ImageModel"]
+    ModelUserConfig.parse(model["user_config"])
+    scaling = model["autoscaling_config"]
+    assert scaling["min_replicas"] == 1 and scaling["max_replicas"] >= 2
+    assert model["max_queued_requests"] > 0
+    monkeypatch.syspath_prepend(str(REPO))  # `serve run` imports from the current directory
+    from serve.app import build
+
+    assert build is build_app
+
+
+def test_args_name_a_misspelt_key_and_read_the_sweep_defaults_file(tmp_path):
+    with pytest.raises(ConfigError, match="limits.max_m.*max_n"):
+        ServeArgs.parse({"limits": {"max_m": 3}})
+    with pytest.raises(ConfigError, match="device must be auto, cpu or cuda"):
+        ServeArgs.parse({"device": "tpu"})
+    best = tmp_path / "best.yaml"
+    best.write_text("cfg_weight: 3.5\ncfg_weight2: 1.5\ntemperature: 0.8\n")
+    parsed = ServeArgs.parse({"defaults_file": str(best)})
+    assert (parsed.defaults.cfg_weight, parsed.defaults.cfg_weight2, parsed.defaults.temperature) == (3.5, 1.5, 0.8)
+    best.write_text("cfg_wieght: 3.5\n")
+    with pytest.raises(ConfigError, match="defaults_file .*cfg_wieght.*cfg_weight"):
+        ServeArgs.parse({"defaults_file": str(best)})
+
+
+@pytest.mark.parametrize("fields, param, text", [
+    ({}, "prompt", "is required"),
+    ({"prompt": "   "}, "prompt", "is empty"),
+    ({"prompt": 3}, "prompt", "must be a string"),
+    ({"prompt": "a", "n": 5}, "n", "between 1 and 4"),
+    ({"prompt": "a", "n": 0}, "n", "between 1 and 4"),
+    ({"prompt": "a", "n": 1.5}, "n", "must be an integer"),
+    ({"prompt": "a", "cfg_weight": float("nan")}, "cfg_weight", "must be finite"),
+    ({"prompt": "a", "temperature": float("inf")}, "temperature", "must be finite"),
+    ({"prompt": "a", "temperature": -1}, "temperature", ">= 0"),
+    ({"prompt": "a", "seed": -1}, "seed", "between 0"),
+    ({"prompt": "a", "top_p": 1.5}, "top_p", "(0, 1]"),
+    ({"prompt": "a", "response_format": "url"}, "response_format", "b64_json, png"),
+    ({"prompt": "a", "response_format": "png", "n": 2}, "response_format", "one image"),
+    ({"prompt": "a", "size": "1024x1024"}, "size", "64x64"),
+    ({"prompt": "a", "cfg_weigth": 2}, "cfg_weigth", "unknown field"),
+])
+def test_bad_json_fields_are_refused_naming_the_field(fields, param, text):
+    with pytest.raises(ApiError) as caught:
+        parse_fields(fields, GENERATION_FIELDS, ServeLimits(max_n=4), 64, from_text=False)
+    assert caught.value.status == 400 and caught.value.param == param and text in caught.value.message
+
+
+def test_form_fields_are_converted_and_checked():
+    payload, response_format = parse_fields(
+        {"prompt": "make it blue", "n": "2", "cfg_weight": "3", "cfg_weight2": "1.5", "seed": "7"},
+        EDIT_FIELDS, ServeLimits(), 64, from_text=True)
+    assert payload == {"prompt": "make it blue", "parallel_size": 2, "cfg_weight": 3.0, "cfg_weight2": 1.5, "seed": 7}
+    assert response_format == "b64_json"
+    for fields, param in [({"prompt": "a", "cfg_weight2": "nan"}, "cfg_weight2"), ({"prompt": "a", "n": "two"}, "n")]:
+        with pytest.raises(ApiError) as caught:
+            parse_fields(fields, EDIT_FIELDS, ServeLimits(), 64, from_text=True)
+        assert caught.value.param == param
+
+
+def test_uploads_are_checked_from_size_and_header_before_decoding():
+    limits = ServeLimits(max_upload_bytes=4096, max_input_pixels=1000 * 1000)
+    check_image(png_bytes(), limits, "image[0]")  # fine
+    cases = [
+        (b"GIF89a but not really", 400, "not an image"),
+        (b"\x00" * 5000, 413, "more than the limit of 4096"),
+        (png_bytes((2000, 1000), mode="1"), 400, "2000x1000 = 2000000 pixels"),  # a few hundred bytes on disk
+        (b"", 400, "is empty"),
+    ]
+    for data, status, text in cases:
+        with pytest.raises(ApiError) as caught:
+            check_image(data, limits, "image[1]")
+        assert (caught.value.status, caught.value.param) == (status, "image[1]") and text in caught.value.message
+
+
+# --------------------------------------------------------------------------- integration
+
+# Options over serve/config.yaml's, so autoscaling and overload show in seconds on two cores.
+MODEL_OVERRIDES = {
+    "max_ongoing_requests": 2,
+    "max_queued_requests": 3,
+    "graceful_shutdown_timeout_s": 2,
+    "user_config": {"max_batch_size": 2, "batch_wait_timeout_s": 0.02, "registry_poll_s": 1},
+    "autoscaling_config": {"min_replicas": 1, "initial_replicas": 1, "max_replicas": 2,
+                           "target_ongoing_requests": 1, "upscale_delay_s": 1, "downscale_delay_s": 3,
+                           "metrics_interval_s": 0.5, "look_back_period_s": 2},
+}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def registry(local_stack):
+    """Three debug-model exports registered as `name` v1 (gated), v2 (forced) and a later run."""
+    from janus_lab.model import debug
+    from janus_lab.model.weights import save_pretrained
+    from janus_lab.registry import PromoteConfig, promote
+
+    root = f"s3://{local_stack.bucket}/tests/serve-{os.getpid()}"
+    name = f"janus-4o-serve-{uuid.uuid4().hex[:8]}"
+    runs = {}
+    for key, seed, val_nll in [("first", 1, 9.5), ("forced", 2, 9.6), ("better", 3, 9.3)]:
+        save_pretrained(debug(seed=seed), f"{root}/export-{key}")
+        runs[key] = make_run(local_stack.mlflow_tracking_uri, EXPERIMENT, f"{root}/export-{key}", val_nll)
+    first = promote(PromoteConfig(run_id=runs["first"], name=name))
+    forced = promote(PromoteConfig(run_id=runs["forced"], name=name, force=True, reason="serve test: swap weights"))
+    assert (first.champion, forced.champion) == ("1", "2"), (first.summary(), forced.summary())
+    return name, runs
+
+
+@pytest.fixture(scope="module")
+def server(local_stack, registry):
+    """The application of serve/config.yaml, serving models:/<name>@champion; yields its base URL."""
+    import ray
+    from ray import serve
+
+    from janus_lab.serving import ImageApi, ImageModel
+
+    name, _ = registry
+    application = serve_config()["applications"][0]
+    options = {d.pop("name"): d for d in copy.deepcopy(application["deployments"])}
+    options["ImageModel"].update(MODEL_OVERRIDES)
+    args = {**application["args"], "model": f"models:/{name}@champion"}
+    port = free_port()
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": local_stack.env()})
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        app = ImageApi.options(**options["ImageApi"]).bind(ImageModel.options(**options["ImageModel"]).bind(args), args)
+        serve.run(app, name="janus-images", route_prefix="/")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def generate(base: str, **body):
+    import requests
+
+    return requests.post(f"{base}/v1/images/generations", json=body, timeout=120)
+
+
+def edit(base: str, images: list[bytes], **fields):
+    import requests
+
+    files = [("image", (f"in{k}.png", data, "image/png")) for k, data in enumerate(images)]
+    return requests.post(f"{base}/v1/images/edits", files=files, data={k: str(v) for k, v in fields.items()},
+                         timeout=120)
+
+
+def decoded(response) -> list[Image.Image]:
+    return [Image.open(io.BytesIO(base64.b64decode(item["b64_json"]))) for item in response.json()["data"]]
+
+
+@pytest.mark.integration
+def test_models_and_health_name_the_champion_version_and_its_run(server, registry):
+    import requests
+
+    name, runs = registry
+    models = requests.get(f"{server}/v1/models", timeout=30).json()["data"]
+    assert len(models) == 1
+    assert models[0]["id"] == name and models[0]["version"] == "2" and models[0]["alias"] == "champion"
+    assert models[0]["run_id"] == runs["forced"] and models[0]["image_size"] == 64
+    health = requests.get(f"{server}/healthz", timeout=30)
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+
+
+@pytest.mark.integration
+def test_text_to_image_returns_pngs_of_the_model_size_and_a_seed_reproduces_them(server):
+    first = generate(server, prompt="a red circle on a blue background", n=2, seed=11, cfg_weight=4.0)
+    assert first.status_code == 200, first.text
+    images = decoded(first)
+    assert len(images) == 2 and all(i.format == "PNG" and i.size == (64, 64) and i.mode == "RGB" for i in images)
+    assert first.json()["seed"] == 11 and first.headers["X-Model-Version"] == "2"
+    again = generate(server, prompt="a red circle on a blue background", n=2, seed=11, cfg_weight=4.0)
+    other = generate(server, prompt="a red circle on a blue background", n=2, seed=12, cfg_weight=4.0)
+    assert again.json()["data"] == first.json()["data"]
+    assert other.json()["data"] != first.json()["data"]
+    raw = generate(server, prompt="a green square", seed=3, response_format="png")
+    assert raw.status_code == 200 and raw.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(raw.content)).size == (64, 64)
+
+
+@pytest.mark.integration
+def test_edit_with_one_and_two_input_images_returns_pngs(server):
+    for inputs in ([png_bytes()], [png_bytes(), png_bytes((80, 40), (10, 200, 10))]):
+        response = edit(server, inputs, prompt="make the circle blue", seed=5, cfg_weight=3, cfg_weight2=2)
+        assert response.status_code == 200, response.text
+        (image,) = decoded(response)
+        assert image.format == "PNG" and image.size == (64, 64)
+    # An RGBA or palette upload is converted, not refused.
+    rgba = io.BytesIO()
+    Image.new("RGBA", (32, 32), (1, 2, 3, 4)).save(rgba, format="PNG")
+    assert edit(server, [rgba.getvalue()], prompt="brighter", seed=1).status_code == 200
+
+
+@pytest.mark.integration
+def test_bad_requests_get_a_4xx_naming_the_field(server):
+    import requests
+
+    limits = ServeArgs.parse(serve_config()["applications"][0]["args"]).limits
+    huge_header = png_bytes((5000, 4000), mode="1")  # 20 M pixels claimed, a few kB sent
+    cases = [
+        (generate(server, prompt=""), 400, "prompt"),
+        (generate(server, prompt="word " * (limits.max_text_tokens + 10)), 400, "prompt"),
+        (generate(server, prompt="a cat", n=limits.max_n + 1), 400, "n"),
+        (requests.post(f"{server}/v1/images/generations", data='{"prompt": "a", "cfg_weight": NaN}',
+                       headers={"content-type": "application/json"}, timeout=30), 400, "cfg_weight"),
+        (requests.post(f"{server}/v1/images/generations", data="not json", timeout=30), 400, None),
+        (edit(server, [b"this is not an image"], prompt="fix it"), 400, "image[0]"),
+        (edit(server, [png_bytes(), b"\x89PNG" + b"\x00" * (limits.max_upload_bytes + 1)], prompt="x"), 413, "image[1]"),
+        (edit(server, [huge_header], prompt="fix it"), 400, "image[0]"),
+        (edit(server, [], prompt="fix it"), 400, None),
+        (edit(server, [png_bytes()], prompt="x", cfg_weight2="inf"), 400, "cfg_weight2"),
+        (edit(server, [png_bytes()] * (limits.max_input_images + 1), prompt="x"), 400, "image"),
+    ]
+    for response, status, param in cases:
+        assert response.status_code == status, response.text
+        error = response.json()["error"]
+        assert error["message"] and error["type"] == "invalid_request_error"
+        if param is not None:
+            assert error["param"] == param, error
+    # The replicas are still fine afterwards.
+    assert generate(server, prompt="still alive", seed=1).status_code == 200
+
+
+@pytest.mark.integration
+def test_moving_the_champion_swaps_the_model_with_no_request_failing(server, registry):
+    from janus_lab.registry import PromoteConfig, promote
+
+    name, runs = registry
+    statuses, versions, stop = [], set(), threading.Event()
+
+    def keep_asking():
+        while not stop.is_set():
+            response = generate(server, prompt="a yellow triangle", seed=2)
+            statuses.append(response.status_code)
+            versions.add(response.headers.get("X-Model-Version"))
+
+    worker = threading.Thread(target=keep_asking)
+    worker.start()
+    try:
+        time.sleep(1.0)
+        assert promote(PromoteConfig(run_id=runs["better"], name=name)).champion == "3"
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and "3" not in versions:
+            time.sleep(0.5)
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        worker.join()
+    assert {"2", "3"} <= versions, versions
+    assert set(statuses) == {200}, statuses
+
+
+def replica_count() -> int:
+    from ray import serve
+    from ray.serve._private.common import ReplicaState
+
+    deployment = serve.status().applications["janus-images"].deployments["ImageModel"]
+    return deployment.replica_states.get(ReplicaState.RUNNING, 0)
+
+
+@pytest.mark.integration
+def test_sustained_load_scales_to_two_replicas_and_back_to_one(server):
+    assert replica_count() == 1
+    counts, statuses, stop = [], [], threading.Event()
+
+    def client():
+        while not stop.is_set():
+            statuses.append(generate(server, prompt="a blue square", n=2).status_code)
+
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        for _ in range(3):
+            pool.submit(client)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and max(counts, default=0) < 2:
+            counts.append(replica_count())
+            time.sleep(0.5)
+        stop.set()
+    assert max(counts) == 2, counts
+    assert set(statuses) <= {200, 503} and statuses.count(200) > 0
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and replica_count() != 1:
+        time.sleep(1.0)
+    assert replica_count() == 1
+
+
+@pytest.mark.integration
+def test_a_burst_past_the_queue_limit_gets_503_with_retry_after_and_nothing_else_fails(server):
+    with concurrent.futures.ThreadPoolExecutor(24) as pool:
+        responses = list(pool.map(lambda k: generate(server, prompt="a busy street", n=4, seed=k), range(24)))
+    statuses = [r.status_code for r in responses]
+    assert set(statuses) <= {200, 503}, statuses
+    assert statuses.count(503) > 0 and statuses.count(200) > 0, statuses
+    for response in responses:
+        if response.status_code == 503:
+            assert response.headers["Retry-After"].isdigit()
+            assert response.json()["error"]["type"] == "overloaded"
+    assert generate(server, prompt="after the burst", seed=1).status_code == 200
