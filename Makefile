@@ -87,3 +87,14 @@ PROMPT ?= a red circle on a blue square
 .PHONY: generate
 generate: | $(PY)
 	$(PY) jobs/generate.py model=$(MODEL) prompt="$(PROMPT)"
+
+# --- serving ---
+#   make serve        deploy serve/config.yaml (the champion) on the running local stack
+#   make serve-down   remove it
+
+.PHONY: serve serve-down
+serve: | $(PY)
+	. run/stack/env.sh && .venv/bin/serve deploy serve/config.yaml && echo "http://127.0.0.1:8000/v1/models"
+
+serve-down: | $(PY)
+	. run/stack/env.sh && .venv/bin/serve shutdown -y

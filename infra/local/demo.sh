@@ -10,25 +10,53 @@ RAY=.venv/bin/ray
 RUN="demo-$(date +%Y%m%d-%H%M%S)"
 DATASET="s3://${JANUS_BUCKET}/datasets/sample"
 
-echo "== 1/4 ingest data/sample -> ${DATASET} (Ray Data on the local cluster)"
+echo "== 1/5 ingest data/sample -> ${DATASET} (Ray Data on the local cluster)"
 "$PY" jobs/ingest.py --config jobs/configs/ingest_sample.yaml "output.uri=${DATASET}" output.overwrite=true
 
-echo "== 2/4 fine-tune the debug model: ray job submit jobs/finetune.py (run ${RUN})"
+echo "== 2/5 fine-tune the debug model: ray job submit jobs/finetune.py (run ${RUN})"
 LOG="run/${RUN}-finetune.log"
 "$RAY" job submit --working-dir . -- python jobs/finetune.py --config jobs/configs/debug.yaml \
     "name=${RUN}" "data.uri=${DATASET}" "train.storage_path=s3://${JANUS_BUCKET}/runs" train.eval_every=10 \
     | tee "$LOG"
 RUN_ID=$(sed -n 's/.*MLflow run id: \([0-9a-f]\{32\}\).*/\1/p' "$LOG" | tail -n 1)
 
-echo "== 3/4 register the export and promote it (janus-4o @challenger, @champion if better on val_nll)"
+echo "== 3/5 register the export and promote it (janus-4o @challenger, @champion if better on val_nll)"
 "$PY" jobs/promote.py "run_id=\"${RUN_ID}\""   # quoted: settings are read as YAML
 
-echo "== 4/4 generate with models:/janus-4o@champion"
+echo "== 4/5 generate with models:/janus-4o@champion"
 "$PY" jobs/generate.py "model=models:/janus-4o@champion" "prompt=a red circle on a blue background" \
     parallel_size=4 seed=0 "output_dir=outputs/${RUN}"
+
+echo "== 5/5 serve the champion: serve deploy serve/config.yaml, then one request over HTTP"
+SERVE=.venv/bin/serve
+"$SERVE" deploy serve/config.yaml
+ENDPOINT="http://127.0.0.1:8000"
+"$PY" - "$ENDPOINT" "outputs/${RUN}/served.png" <<'PYEOF'
+import base64, json, sys, time, urllib.error, urllib.request
+
+endpoint, out = sys.argv[1], sys.argv[2]
+deadline = time.monotonic() + 180
+while True:  # the replica downloads the champion from the registry before it answers
+    try:
+        with urllib.request.urlopen(f"{endpoint}/v1/models", timeout=5) as answer:
+            print("serving:", json.load(answer)["data"][0])
+        break
+    except (urllib.error.URLError, OSError):
+        if time.monotonic() > deadline:
+            sys.exit(f"the server at {endpoint} did not come up in 180 s; see `serve status`")
+        time.sleep(2)
+body = json.dumps({"prompt": "a red circle on a blue background", "n": 1, "seed": 0}).encode()
+request = urllib.request.Request(f"{endpoint}/v1/images/generations", body, {"Content-Type": "application/json"})
+with urllib.request.urlopen(request, timeout=120) as answer:
+    data = json.load(answer)
+with open(out, "wb") as png:
+    png.write(base64.b64decode(data["data"][0]["b64_json"]))
+print(f"POST /v1/images/generations -> {out} (seed {data['seed']}, version {data['model']['version']})")
+PYEOF
 
 echo
 echo "MLflow run:  ${MLFLOW_TRACKING_URI}/#/experiments (experiment janus-4o-debug, run ${RUN}, id ${RUN_ID})"
 echo "Registry:    ${MLFLOW_TRACKING_URI}/#/models/janus-4o"
 echo "Checkpoints and export: s3://${JANUS_BUCKET}/runs/${RUN}/   Images: outputs/${RUN}/"
+echo "Server:      ${ENDPOINT}/v1/images/generations (serve status; serve shutdown -y stops it)"
 echo "Stop the stack with: make down"

@@ -64,6 +64,9 @@ ENV_OVERRIDES = {
 
 _ENV_VAR_OF_FIELD = {name: var for var, name in ENV_OVERRIDES.items()}
 
+_PROJECT_ROOT = Path(__file__).resolve().parents[2]
+"""The repo root when the package is installed in place (`pip install -e .`)."""
+
 # S3 bucket naming rules; SeaweedFS rejects the rest (e.g. one-letter names) at create time.
 _BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 
@@ -724,6 +727,10 @@ class LocalStack:
         # Services get the storage environment too: Ray workers and job drivers inherit the
         # raylet's, so jobs reach S3 and MLflow without a runtime_env; MLflow writes artifacts.
         env.update(self._storage_env())
+        # The project root on the path: `serve deploy serve/config.yaml` names `serve.app:build`,
+        # which Serve's controller imports on the cluster without a working_dir.
+        if (_PROJECT_ROOT / "serve" / "app.py").exists():
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_PROJECT_ROOT), env.get("PYTHONPATH")) if p)
         env.update(
             MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",  # ~490 MB instead of ~1.7 GB
             MLFLOW_DISABLE_TELEMETRY="true",
