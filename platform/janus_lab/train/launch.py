@@ -74,6 +74,20 @@ def preflight(cfg: ExperimentConfig) -> tuple[dict, int, int, int]:
     return manifest, per_epoch, total, split_size(manifest, "val")
 
 
+def scaling_config(cfg: ExperimentConfig):
+    """The Ray Train workers a config asks for: `train.num_workers`, one GPU each when `train.use_gpu`.
+
+    The cluster manifests under infra/ are checked against this (tests/test_infra.py), so the
+    GPUs a worker pod offers and the workers a run needs cannot drift apart.
+
+    Returns:
+        A `ray.train.ScalingConfig`.
+    """
+    import ray.train
+
+    return ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu)
+
+
 def run_finetune(cfg: ExperimentConfig) -> FinetuneResult:
     """Runs fine-tuning on the Ray cluster this process is connected to.
 
@@ -115,7 +129,7 @@ def run_finetune(cfg: ExperimentConfig) -> FinetuneResult:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=plan.to_dict(),
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu),
+        scaling_config=scaling_config(cfg),
         run_config=ray.train.RunConfig(
             name=cfg.name, storage_path=storage_path, storage_filesystem=storage_fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
