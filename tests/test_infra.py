@@ -229,7 +229,7 @@ def load_command_config(command: Command):
 
 def experiment_of(cfg) -> ExperimentConfig:
     """The fine-tuning experiment a job runs: the config itself, or the one a sweep config holds
-    (as a section, or as the path of an experiment YAML)."""
+    (as a section, or as the path of an experiment YAML plus an `overrides` mapping)."""
     if isinstance(cfg, ExperimentConfig):
         return cfg
     for field in dataclasses.fields(cfg):
@@ -237,7 +237,10 @@ def experiment_of(cfg) -> ExperimentConfig:
         if isinstance(value, ExperimentConfig):
             return value
         if isinstance(value, str) and value.endswith((".yaml", ".yml")) and (REPO / value).is_file():
-            return load_config(ExperimentConfig, REPO / value)
+            overrides = getattr(cfg, "overrides", None) or {}
+            # JSON is YAML, so each value reads back as the type it was written with.
+            return load_config(ExperimentConfig, REPO / value,
+                               [f"{key}={json.dumps(v)}" for key, v in overrides.items()])
         if dataclasses.is_dataclass(value) and not isinstance(value, type):
             try:
                 return experiment_of(value)
