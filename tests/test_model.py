@@ -19,7 +19,7 @@ from janus_lab.model.convert import (
     write_deepseek_checkpoint,
 )
 from janus_lab.model.tokenizer import build_debug_tokenizer
-from janus_lab.model.weights import PickleCheckpointError, load_pretrained, save_pretrained
+from janus_lab.model.weights import PickleCheckpointError, build_bundle, load_pretrained, save_pretrained
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -81,6 +81,15 @@ def test_save_and_load_round_trip(bundle, tmp_path):
         assert torch.equal(value, loaded.model.state_dict()[key]), key
     assert loaded.special_ids == bundle.special_ids
     assert loaded.num_image_tokens == bundle.num_image_tokens
+
+
+def test_training_builds_float32_master_weights_from_a_bfloat16_checkpoint(tmp_path):
+    from janus_lab.config import ModelConfig
+
+    save_pretrained(debug(seed=3, dtype=torch.bfloat16), tmp_path / "bf16")
+    assert {p.dtype for p in load_pretrained(tmp_path / "bf16").model.parameters()} == {torch.bfloat16}
+    built = build_bundle(ModelConfig(weights=str(tmp_path / "bf16")), init_seed=0)
+    assert {p.dtype for p in built.model.parameters()} == {torch.float32}
 
 
 def test_pickle_checkpoints_are_refused(bundle, tmp_path):

@@ -79,7 +79,7 @@ def save_pretrained(bundle: JanusBundle, uri: str | os.PathLike) -> None:
     bundle.processor.save_pretrained(folder)
 
 
-def build_bundle(model, init_seed: int) -> JanusBundle:
+def build_bundle(model, init_seed: int, dtype: torch.dtype = torch.float32) -> JanusBundle:
     """The model a `ModelConfig` names: weights from a path, or a preset at seeded random init.
 
     Ingest and fine-tuning both build through here, so a random-init debug model gets the same
@@ -88,8 +88,12 @@ def build_bundle(model, init_seed: int) -> JanusBundle:
     Args:
         model: a `janus_lab.config.ModelConfig`.
         init_seed: seed of the random init (ignored when weights are given).
+        dtype: parameter dtype, whatever the checkpoint holds. Training keeps float32 master
+            weights: the released checkpoints are bfloat16, and AdamW updates at lr 5e-6 are
+            mostly below bfloat16's resolution, so they would be lost; FSDP's mixed-precision
+            policy still computes in bfloat16 on GPUs.
     """
     if model.weights:
-        return load_pretrained(model.weights)
+        return load_pretrained(model.weights, dtype=dtype)
     kwargs = {"image_size": model.image_size} if model.preset == "debug" else {}
-    return PRESETS[model.preset](seed=init_seed, dtype=torch.float32, **kwargs)
+    return PRESETS[model.preset](seed=init_seed, dtype=dtype, **kwargs)
