@@ -23,7 +23,7 @@ from janus_lab.model.weights import build_bundle
 from janus_lab.model.sequence import SequenceBuilder
 from janus_lab.train.distributed import apply_activation_checkpointing, apply_fsdp
 from janus_lab.train.schedule import build_scheduler
-from janus_lab.train.state import TrainState
+from janus_lab.train.state import TrainState, data_geometry
 
 # Dense bf16 peak FLOP/s of accelerators we know, for MFU.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -101,11 +101,13 @@ def train_loop_per_worker(plan_dict: dict) -> None:
     optimizer = build_optimizer(objective, cfg.train.lr, cfg.train.weight_decay)
     scheduler = build_scheduler(optimizer, plan.total_steps, cfg.train.warmup_ratio, cfg.train.min_lr_ratio)
     state = TrainState(objective, optimizer, scheduler, rank)
+    geometry = data_geometry(world, cfg.train.micro_batch_size, cfg.train.global_batch_size, cfg.train.seed)
+    state.progress.geometry = geometry
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
-            state.load(folder)
+            state.load(folder, geometry)
         if rank == 0:
             print(f"resumed from step {state.progress.step} (epoch {state.progress.epoch}, "
                   f"micro-batch {state.progress.micro_batches_in_epoch})", flush=True)

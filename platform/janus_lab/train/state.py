@@ -26,6 +26,20 @@ class Progress:
     """Current epoch."""
     micro_batches_in_epoch: int = 0
     """Micro-batches of the current epoch this rank has consumed."""
+    geometry: str = ""
+    """Workers, micro-batch, global batch and seed the position above counts in (`data_geometry`);
+    empty in checkpoints written before it was recorded."""
+
+
+def data_geometry(world_size: int, micro_batch_size: int, global_batch_size: int, seed: int) -> str:
+    """What a data position depends on: the same micro-batch count means the same samples only
+    when all of these are the same."""
+    return (f"{world_size} workers x micro-batch {micro_batch_size}, global batch {global_batch_size}, "
+            f"seed {seed}")
+
+
+class ResumeMismatchError(RuntimeError):
+    """A checkpoint whose data position was counted in another geometry than this run's."""
 
 
 class TrainState(Stateful):
@@ -66,7 +80,23 @@ class TrainState(Stateful):
         """Writes this rank's shard of the state into `folder` (collective: all ranks call it)."""
         dcp.save({"train": self}, checkpoint_id=folder)
 
-    def load(self, folder: str) -> None:
-        """Restores the state from a checkpoint folder (collective)."""
+    def load(self, folder: str, geometry: str = "") -> None:
+        """Restores the state from a checkpoint folder (collective).
+
+        Args:
+            geometry: this run's `data_geometry`; a checkpoint that recorded another one is
+                refused, since its data position would point at other samples.
+
+        Raises:
+            ResumeMismatchError: the geometries differ.
+        """
         state = {"train": self}
         dcp.load(state, checkpoint_id=folder)
+        saved = self.progress.geometry
+        if geometry and saved and saved != geometry:
+            raise ResumeMismatchError(
+                f"checkpoint {folder} (step {self.progress.step}) was written by a run with {saved}; this run "
+                f"has {geometry}. Its data position would not match: resume with the same "
+                "train.num_workers, train.micro_batch_size, train.global_batch_size and train.seed, "
+                "or start a new run (another `name`).")
+        self.progress.geometry = geometry or saved

@@ -1,0 +1,50 @@
+"""The training state checkpoint (`janus_lab.train.state`) in one process: what a resume restores,
+and the refusal to resume a data position counted in another batch geometry."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from janus_lab.train.loop import build_optimizer
+from janus_lab.train.schedule import build_scheduler
+from janus_lab.train.state import ResumeMismatchError, TrainState, data_geometry
+
+
+def make_state(seed: int) -> TrainState:
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(4, 3)
+    optimizer = build_optimizer(model, 1e-2, 0.1)
+    return TrainState(model, optimizer, build_scheduler(optimizer, 10, 0.1, 0.15), rank=0)
+
+
+def test_resume_restores_progress_weights_and_rng(tmp_path):
+    geometry = data_geometry(2, 2, 8, seed=0)
+    state = make_state(0)
+    state.model(torch.ones(2, 4)).sum().backward()
+    state.optimizer.step()
+    state.scheduler.step()
+    state.progress.step, state.progress.epoch, state.progress.micro_batches_in_epoch = 3, 1, 5
+    state.progress.geometry = geometry
+    state.save(str(tmp_path / "ckpt"))
+    after_save = torch.rand(3)
+
+    resumed = make_state(1)
+    resumed.load(str(tmp_path / "ckpt"), geometry)
+    assert (resumed.progress.step, resumed.progress.epoch, resumed.progress.micro_batches_in_epoch) == (3, 1, 5)
+    assert torch.equal(resumed.model.weight, state.model.weight)
+    assert resumed.scheduler.get_last_lr() == state.scheduler.get_last_lr()
+    assert torch.equal(torch.rand(3), after_save)  # the RNG stream continues where the checkpoint left it
+
+
+@pytest.mark.parametrize("workers, micro, batch, seed", [(4, 2, 8, 0), (2, 1, 8, 0), (2, 2, 16, 0), (2, 2, 8, 1)])
+def test_resume_in_another_geometry_is_refused_naming_both(tmp_path, workers, micro, batch, seed):
+    state = make_state(0)
+    state.progress.step, state.progress.geometry = 4, data_geometry(2, 2, 8, seed=0)
+    state.save(str(tmp_path / "ckpt"))
+    other = data_geometry(workers, micro, batch, seed)
+    with pytest.raises(ResumeMismatchError) as caught:
+        make_state(0).load(str(tmp_path / "ckpt"), other)
+    message = str(caught.value)
+    assert "2 workers x micro-batch 2, global batch 8, seed 0" in message and other in message
+    assert "train.num_workers" in message and "step 4" in message
