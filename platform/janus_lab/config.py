@@ -311,12 +311,150 @@ class IngestConfig:
     """Actors, batch sizes and task sizes."""
 
 
+# --------------------------------------------------------------------------- sweeps
+
+
+DEFAULT_MASKING_GRID = {"masking.t2i_text_drop": [0.0, 0.1, 0.25], "masking.ti2i_image_drop": [0.0, 0.25, 0.5, 0.75]}
+DEFAULT_CFG_GRID = {"cfg_weight": [1.0, 3.0, 5.0, 7.0], "cfg_weight2": [1.0, 3.0, 5.0], "temperature": [0.8, 1.0]}
+SAMPLING_KEYS = ("cfg_weight", "cfg_weight2", "temperature", "top_k", "top_p")
+"""Generation request fields a CFG sweep may search over (and its best-settings YAML holds)."""
+
+
+def _check_grid(grid: Mapping[str, Any], check_key: Callable[[str], None]) -> None:
+    """A grid names at least one key, each with a non-empty list of distinct scalar values."""
+    if not grid:
+        raise ValueError("grid is empty: name at least one key with a list of values, "
+                         "e.g. masking.t2i_text_drop: [0.0, 0.1]")
+    for key, values in grid.items():
+        check_key(key)
+        if not values:
+            raise ValueError(f"grid.{key} has no values: give at least one")
+        if any(isinstance(v, (list, dict)) for v in values):
+            raise ValueError(f"grid.{key} must list single values, got {values!r}")
+        if len({repr(v) for v in values}) != len(values):
+            raise ValueError(f"grid.{key} lists a value twice: {values!r}")
+
+
+@dataclasses.dataclass
+class SweepRunConfig:
+    """How a Ray Tune sweep runs its trials and where Tune keeps its state."""
+
+    max_concurrent_trials: int = 1
+    """Most trials at once; lowered to what the cluster can hold with every trial's resources."""
+    trial_cpus: float = 1.0
+    """CPUs reserved for each trial's own process (the Tune function that trains or generates)."""
+    trial_gpus: float = 0.0
+    """GPUs reserved for each trial's own process (a CFG sweep on GPUs: 1)."""
+    storage_path: str = "outputs/sweeps"
+    """Local folder or `s3://` prefix for Tune's experiment state; `--resume` continues from it."""
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "max_concurrent_trials", "trial_cpus")
+        _check_non_negative(self, "trial_gpus")
+        _check_not_empty(self, "storage_path")
+
+
+@dataclasses.dataclass
+class MaskingAblationConfig:
+    """A masking-ratio ablation: `sweeps/masking_ablation.py --config X.yaml` (DESIGN 2.2, 5)."""
+
+    name: str = "masking-ablation"
+    """Sweep name: the Tune experiment, the MLflow parent run and the prefix of every trial's run."""
+    experiment: str = "jobs/configs/debug.yaml"
+    """Fine-tuning config (ExperimentConfig YAML) every trial starts from."""
+    overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Edits of that config shared by every trial, as dotted keys: `train.max_steps: 100`."""
+    grid: dict[str, list[Any]] = dataclasses.field(default_factory=lambda: dict(DEFAULT_MASKING_GRID))
+    """Dotted experiment keys -> values; one trial per combination, each run to the end."""
+    metric: str = "val_nll"
+    """Metric of the results table's heatmap and of the best trial."""
+    mode: Literal["min", "max"] = "min"
+    """Whether lower (min) or higher (max) `metric` is better."""
+    table_metrics: list[str] = dataclasses.field(
+        default_factory=lambda: ["val_t2i_nll", "val_ti2i_nll", "val_accuracy", "loss"])
+    """Further final metrics shown in the results table."""
+    data_cpus: float = 1.0
+    """CPUs left free per running trial for its Ray Data reading, which runs outside the trial's reservation."""
+    run: SweepRunConfig = dataclasses.field(default_factory=SweepRunConfig)
+    """Concurrency, per-trial resources and Tune storage."""
+    tracking: TrackingConfig = dataclasses.field(default_factory=lambda: TrackingConfig(experiment="janus-4o-sweeps"))
+    """MLflow experiment of the parent and child runs (every trial logs there)."""
+
+    def __post_init__(self) -> None:
+        _check_not_empty(self, "name", "experiment", "metric")
+        _check_non_negative(self, "data_cpus")
+        for key in self.overrides:
+            check_config_key(ExperimentConfig, key, "overrides", leaf_only=False)
+        _check_grid(self.grid, lambda key: check_config_key(ExperimentConfig, key, "grid"))
+        for key in self.grid:
+            if key == "name":
+                raise ValueError("grid must not set name: every trial is named after the sweep and its cell")
+            if key in self.overrides:
+                raise ValueError(f"grid and overrides both set {key}; keep it in one of them")
+
+
+@dataclasses.dataclass
+class CfgSweepConfig:
+    """A CFG-weight sweep on one checkpoint: `sweeps/cfg_sweep.py --config X.yaml` (DESIGN 2.4, 5)."""
+
+    name: str = "cfg-sweep"
+    """Sweep name: the Tune experiment and the MLflow parent run."""
+    model: str = "models:/janus-4o@champion"
+    """Checkpoint folder, `s3://` prefix, `models:/name@alias` (pinned to its version at start), or `debug`."""
+    prompts: str = "sweeps/prompts/debug.jsonl"
+    """Held-out prompt set: JSONL of requests, T2I and edit (`input_images` relative to the file)."""
+    clip_model: str = "debug"
+    """CLIP folder (Hugging Face layout, local or `s3://`) for CLIP-T / CLIP-I; `debug` = a tiny random CLIP."""
+    grid: dict[str, list[Any]] = dataclasses.field(default_factory=lambda: dict(DEFAULT_CFG_GRID))
+    """Sampling fields (cfg_weight, cfg_weight2, temperature, top_k, top_p) -> values; one trial each."""
+    metric: str = "clip_t"
+    """Score that picks the best setting: clip_t (prompt-image) or clip_i (edit input-output)."""
+    mode: Literal["min", "max"] = "max"
+    """Whether lower (min) or higher (max) `metric` is better."""
+    parallel_size: int = 2
+    """Images generated per prompt in every trial."""
+    seed: int = 0
+    """Seed of prompt i is seed + i, in every trial: settings are compared on the same draws."""
+    batch_images: int = 16
+    """Images per engine batch."""
+    best_settings: str | None = None
+    """Where the best setting is written as YAML (the server's `defaults_file`); None:
+    outputs/sweeps/<name>/best_settings.yaml."""
+    run: SweepRunConfig = dataclasses.field(default_factory=SweepRunConfig)
+    """Concurrency, per-trial resources and Tune storage."""
+    tracking: TrackingConfig = dataclasses.field(default_factory=lambda: TrackingConfig(experiment="janus-4o-sweeps"))
+    """MLflow experiment of the parent and child runs."""
+
+    def __post_init__(self) -> None:
+        _check_not_empty(self, "name", "model", "prompts", "clip_model")
+        _check_positive(self, "parallel_size", "batch_images")
+        _check_non_negative(self, "seed")
+        if self.metric not in ("clip_t", "clip_i"):
+            raise ValueError(f"metric must be clip_t or clip_i, got {self.metric!r}")
+        _check_grid(self.grid, _check_sampling_key)
+
+    @property
+    def best_settings_path(self) -> str:
+        """Where the best setting's YAML goes."""
+        return self.best_settings or f"outputs/sweeps/{self.name}/best_settings.yaml"
+
+
+def _check_sampling_key(key: str) -> None:
+    if key not in SAMPLING_KEYS:
+        close = difflib.get_close_matches(key, SAMPLING_KEYS, n=1)
+        hint = f"did you mean '{close[0]}'?" if close else f"valid keys: {', '.join(SAMPLING_KEYS)}"
+        raise ConfigError(f"unknown key '{key}' in grid (a CFG sweep searches sampling settings); {hint}")
+
+
 # Where shipped YAMLs live and the class each must load as. tests/test_config.py loads every
 # YAML under these folders, so a new entry point with its own config folder registers it here.
 # The first entry that contains a file wins, so a file or subfolder goes before its folder.
 CONFIG_DIRS: dict[str, type] = {
     "jobs/configs/ingest_sample.yaml": IngestConfig,
     "jobs/configs": ExperimentConfig,
+    "sweeps/configs/cfg_debug.yaml": CfgSweepConfig,
+    "sweeps/configs/cfg_janus4o_7b.yaml": CfgSweepConfig,
+    "sweeps/configs": MaskingAblationConfig,
 }
 
 
@@ -396,6 +534,26 @@ def from_dict(cls: type[T], data: Mapping) -> T:
         raise ConfigError(str(err)) from None
 
 
+def check_config_key(cls: type, key: str, where: str, *, leaf_only: bool = True) -> None:
+    """Checks that a dotted key names a field of a config class (a sweep's grid or overrides).
+
+    Raises:
+        ConfigError: an unknown key (with a did-you-mean suggestion), a key below a scalar, or
+            (with `leaf_only`) a section rather than a single value.
+    """
+    parts = key.split(".")
+    _Builder(cls, where)._check_key_path(parts, where)
+    if leaf_only and dataclasses.is_dataclass(_field_type(cls, parts)):
+        raise ConfigError(f"'{key}' in {where} is a section of {cls.__name__}; name one of its keys, "
+                          f"e.g. '{key}.{next(iter(_init_fields(_field_type(cls, parts))))}'")
+
+
+def _field_type(cls: type, parts: list[str]) -> Any:
+    for part in parts:
+        cls = _type_hints(cls)[part]
+    return cls
+
+
 class _TypeMismatch(ConfigError):
     """The value at `key` itself has the wrong type (as opposed to something nested in it)."""
 
@@ -427,7 +585,10 @@ class _Builder:
                               f"e.g. train.lr=1e-5")
         source = f"override '{text}'"
         parts = key.split(".")
-        self._check_key_path(parts, source)
+        mapping_depth = self._check_key_path(parts, source)
+        if mapping_depth is not None:
+            # `grid.masking.t2i_text_drop=[0, 0.5]`: the rest of the key is one key of the mapping.
+            parts = parts[:mapping_depth + 1] + [".".join(parts[mapping_depth + 1:])]
         node = data
         for depth, part in enumerate(parts[:-1]):
             if node.get(part) is None:
@@ -438,7 +599,9 @@ class _Builder:
         node[parts[-1]] = _parse_yaml(value_text, source)
         self.override_sources[key] = source
 
-    def _check_key_path(self, parts: list[str], source: str) -> None:
+    def _check_key_path(self, parts: list[str], source: str) -> int | None:
+        """Checks a dotted key; returns the depth of a mapping field the rest of the key is a
+        key of (`grid.masking.t2i_text_drop`), or None."""
         cls = self.root
         for depth, part in enumerate(parts):
             prefix = ".".join(parts[:depth])
@@ -446,6 +609,8 @@ class _Builder:
                 raise self._unknown_key(cls, prefix, part, source)
             if depth < len(parts) - 1:
                 tp = _type_hints(cls)[part]
+                if get_origin(tp) is dict:
+                    return depth
                 if not dataclasses.is_dataclass(tp):
                     raise ConfigError(f"'{_join(prefix, part)}' is a {_type_name(tp)}, not a "
                                       f"section, so '{'.'.join(parts)}' does not exist "
@@ -729,14 +894,30 @@ def parse_cli(cls: type[T], argv: Sequence[str] | None = None, *,
         The loaded config. A bad file, key or value prints the error and exits with status 2,
         like any other command-line mistake; `--help` prints every key and exits with 0.
     """
+    return parse_cli_with_flags(cls, argv, description=description)[0]
+
+
+def parse_cli_with_flags(cls: type[T], argv: Sequence[str] | None = None, *, description: str | None = None,
+                         flags: Mapping[str, str] | None = None) -> tuple[T, dict[str, bool]]:
+    """`parse_cli` for entry points that also take on/off flags, e.g. a sweep's `--resume`.
+
+    Args:
+        flags: flag (`--resume`) -> its help text.
+
+    Returns:
+        The config, and flag -> whether it was given.
+    """
     parser = argparse.ArgumentParser(description=description, epilog=format_help(cls),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", metavar="PATH",
                         help="YAML file of the experiment; without it every key has its default")
+    for flag, text in (flags or {}).items():
+        parser.add_argument(flag, action="store_true", help=text)
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="dotted overrides applied after the file, e.g. train.lr=1e-5")
     args = parser.parse_intermixed_args(argv)
     try:
-        return load_config(cls, args.config, args.overrides)
+        cfg = load_config(cls, args.config, args.overrides)
     except ConfigError as err:
         parser.error(str(err))
+    return cfg, {flag: getattr(args, flag.lstrip("-").replace("-", "_")) for flag in flags or {}}

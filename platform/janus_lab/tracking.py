@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 GIT_COMMIT_TAG = "git_commit"
+PARENT_RUN_TAG = "mlflow.parentRunId"
+"""MLflow's own tag for nesting: a sweep trial's run is a child of the sweep's run."""
 
 
 def git_commit(repo: str | os.PathLike | None = None) -> str:
@@ -40,6 +42,23 @@ def ensure_experiment(client, name: str) -> str:
     return experiment.experiment_id if experiment else client.create_experiment(name)
 
 
+def find_run(tracking_uri: str, experiment: str, tags: Mapping[str, str]):
+    """The newest run of an experiment carrying all the given tag values, or None.
+
+    How a resumed sweep finds its parent run and each trial its own child run.
+    """
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    query = " and ".join(f"tags.`{key}` = '{value}'" for key, value in tags.items())
+    runs = client.search_runs([found.experiment_id], filter_string=query, order_by=["attributes.start_time DESC"],
+                              max_results=1)
+    return runs[0] if runs else None
+
+
 class RunLogger:
     """Logs to one MLflow run by id; inactive (every call a no-op) unless `active`.
 
@@ -59,15 +78,23 @@ class RunLogger:
 
     @classmethod
     def open_run(cls, tracking_uri: str, experiment: str, run_name: str, params: Mapping[str, Any],
-                 tags: Mapping[str, str]) -> "RunLogger":
-        """Creates a run with its params and tags (driver side)."""
+                 tags: Mapping[str, str], parent_run_id: str | None = None) -> "RunLogger":
+        """Creates a run with its params and tags (driver side), a child of `parent_run_id` if given."""
         from mlflow import MlflowClient
 
         client = MlflowClient(tracking_uri)
         experiment_id = ensure_experiment(client, experiment)
-        run = client.create_run(experiment_id, run_name=run_name, tags=dict(tags))
+        tags = dict(tags) | ({PARENT_RUN_TAG: parent_run_id} if parent_run_id else {})
+        run = client.create_run(experiment_id, run_name=run_name, tags=tags)
         logger = cls(tracking_uri, run.info.run_id)
         logger.log_params(params)
+        return logger
+
+    @classmethod
+    def reopen(cls, tracking_uri: str, run_id: str) -> "RunLogger":
+        """Logs into an existing run again (a sweep trial restarted by `--resume`), marked running."""
+        logger = cls(tracking_uri, run_id)
+        logger._client.update_run(run_id, status="RUNNING")
         return logger
 
     def log_params(self, params: Mapping[str, Any]) -> None:

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from janus_lab.config import ExperimentConfig, flatten, to_dict
 from janus_lab.data.stream import epoch_dataset, read_manifest, split_size, steps_per_epoch
 from janus_lab.storage import is_s3_uri, pyarrow_filesystem, strip_scheme
 from janus_lab.train.loop import LoopPlan, train_loop_per_worker
+
+if TYPE_CHECKING:
+    from janus_lab.tracking import RunLogger
 
 # Samples of the sample grid logged at each validation.
 DEFAULT_SAMPLE_PROMPTS = ["a red circle on a white background", "a blue square on a yellow background"]
@@ -88,11 +93,16 @@ def scaling_config(cfg: ExperimentConfig):
     return ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu)
 
 
-def run_finetune(cfg: ExperimentConfig) -> FinetuneResult:
+def run_finetune(cfg: ExperimentConfig, run: "RunLogger | None" = None, callbacks: Sequence = ()) -> FinetuneResult:
     """Runs fine-tuning on the Ray cluster this process is connected to.
 
     The MLflow run is opened here, on the driver, so that a worker group restarted after a
     failure keeps logging into the same run.
+
+    Args:
+        cfg: the experiment.
+        run: an MLflow run to log into instead of opening one (a sweep trial's child run).
+        callbacks: Ray Train callbacks (a sweep trial passes Tune's `TuneReportCallback`).
     """
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -104,13 +114,16 @@ def run_finetune(cfg: ExperimentConfig) -> FinetuneResult:
     export_uri = f"{cfg.train.storage_path.rstrip('/')}/{cfg.name}/export"
 
     tracking_uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
-    logger = RunLogger.open_run(
-        tracking_uri, cfg.tracking.experiment, cfg.tracking.run_name or cfg.name,
-        params=flatten(cfg),
-        tags={GIT_COMMIT_TAG: git_commit(), "dataset_uri": cfg.data.uri,
-              "dataset_fingerprint": str(manifest.get("model", {}).get("fingerprint", "unknown")),
-              "ray_train_run": cfg.name},
-    )
+    tags = {GIT_COMMIT_TAG: git_commit(), "dataset_uri": cfg.data.uri,
+            "dataset_fingerprint": str(manifest.get("model", {}).get("fingerprint", "unknown")),
+            "ray_train_run": cfg.name}
+    if run is None:
+        logger = RunLogger.open_run(tracking_uri, cfg.tracking.experiment, cfg.tracking.run_name or cfg.name,
+                                    params=flatten(cfg), tags=tags)
+    else:
+        logger = run
+        logger.log_params(flatten(cfg))
+        logger.set_tags(tags)
     from janus_lab.config import dump_yaml
     import json
 
@@ -134,8 +147,8 @@ def run_finetune(cfg: ExperimentConfig) -> FinetuneResult:
             name=cfg.name, storage_path=storage_path, storage_filesystem=storage_fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-            worker_runtime_env={"env_vars": {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
-                                | {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
+            worker_runtime_env={"env_vars": forwarded_env() | {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
+            callbacks=list(callbacks),
         ),
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=[], execution_options=ingest),
@@ -151,6 +164,11 @@ def run_finetune(cfg: ExperimentConfig) -> FinetuneResult:
     checkpoint = result.checkpoint.path if result.checkpoint else None
     return FinetuneResult(run_name=cfg.name, checkpoint_path=checkpoint, export_uri=export_uri,
                           mlflow_run_id=logger.run_id, mlflow_url=logger.run_url(), metrics=result.metrics)
+
+
+def forwarded_env() -> dict[str, str]:
+    """The variables of FORWARDED_ENV this process has: what Ray workers need to reach S3 and MLflow."""
+    return {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
 
 
 def _storage(path: str):

@@ -1,0 +1,144 @@
+"""A sweep's results table (CSV and Markdown) and heatmaps of one metric over the grid.
+
+Rows are trials in grid order; columns are the grid keys, then the metrics. The heatmap puts
+the first grid key on the rows and the second on the columns; further keys (a third, e.g.
+temperature) get one panel per value combination.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from janus_lab.sweeps.grid import cell_label, short_key
+
+
+@dataclass
+class ResultsTable:
+    """One row per trial: its grid values, its final metrics, its status and MLflow run."""
+
+    params: list[str]
+    """Grid keys, in grid order."""
+    metrics: list[str]
+    """Metric columns; the first is the one the sweep ranks by."""
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    """Per trial: every param and metric key (a missing metric is None), `status`, `run_id`."""
+
+    def add(self, cell: dict[str, Any], metrics: dict[str, Any], status: str, run_id: str | None) -> None:
+        """Adds a trial's row; metrics the trial did not report are left empty."""
+        row = dict(cell)
+        row.update({name: _number(metrics.get(name)) for name in self.metrics})
+        row.update(status=status, run_id=run_id or "")
+        self.rows.append(row)
+
+    def best(self, metric: str, mode: Literal["min", "max"]) -> dict[str, Any] | None:
+        """The row with the best value of `metric`, or None when no trial reported it."""
+        scored = [row for row in self.rows if row.get(metric) is not None]
+        if not scored:
+            return None
+        pick = min if mode == "min" else max
+        return pick(scored, key=lambda row: row[metric])
+
+    def to_csv(self) -> str:
+        """Full precision, dotted keys as headers: for scripts and spreadsheets."""
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=[*self.params, *self.metrics, "status", "run_id"],
+                                lineterminator="\n")
+        writer.writeheader()
+        for row in self.rows:
+            writer.writerow({key: "" if value is None else value for key, value in row.items()})
+        return out.getvalue()
+
+    def to_markdown(self, best: dict[str, Any] | None = None) -> str:
+        """A Markdown table (what the driver prints); the best row, if given, is marked with *."""
+        header = [short_key(p) for p in self.params] + self.metrics + ["status", "MLflow run"]
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for row in self.rows:
+            cells = [str(row[p]) for p in self.params]
+            cells += [_show(row.get(m)) for m in self.metrics]
+            mark = " *" if best is not None and row is best else ""
+            cells += [row["status"] + mark, row["run_id"]]
+            lines.append("| " + " | ".join(cells) + " |")
+        return "\n".join(lines) + "\n"
+
+    def save_heatmap(self, path: str | Path, metric: str, mode: Literal["min", "max"], note: str = "") -> Path:
+        """Draws `metric` over the grid as a PNG; the best cell is outlined.
+
+        Args:
+            path: the PNG file.
+            metric: a column of the table.
+            mode: min or max, for the title and the colour direction (better is brighter).
+            note: a line added under the title (e.g. that scores come from a random test CLIP).
+        """
+        import matplotlib
+
+        matplotlib.use("Agg")  # no display: sweeps run on cluster nodes
+        import matplotlib.pyplot as plt
+
+        rows_key = self.params[0]
+        cols_key = self.params[1] if len(self.params) > 1 else None
+        panel_keys = self.params[2:]
+        row_values = _distinct(self.rows, rows_key)
+        col_values = _distinct(self.rows, cols_key) if cols_key else [None]
+        panels = list(itertools.product(*(_distinct(self.rows, k) for k in panel_keys))) or [()]
+        best = self.best(metric, mode)
+        figure, axes = plt.subplots(1, len(panels), squeeze=False,
+                                    figsize=(1.2 + 1.3 * len(col_values) * len(panels), 1.4 + 0.7 * len(row_values)))
+        colours = "viridis_r" if mode == "min" else "viridis"
+        values = [row[metric] for row in self.rows if row.get(metric) is not None]
+        low, high = (min(values), max(values)) if values else (0.0, 1.0)
+        for axis, panel in zip(axes[0], panels):
+            fixed = dict(zip(panel_keys, panel))
+            grid = [[math.nan] * len(col_values) for _ in row_values]
+            for row in self.rows:
+                if any(row[k] != v for k, v in fixed.items()):
+                    continue
+                i, j = row_values.index(row[rows_key]), col_values.index(row[cols_key]) if cols_key else 0
+                grid[i][j] = math.nan if row.get(metric) is None else row[metric]
+                if row is best:
+                    axis.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2.5))
+                axis.text(j, i, _show(row.get(metric)), ha="center", va="center", fontsize=8, color="white",
+                          bbox={"facecolor": "black", "alpha": 0.35, "pad": 1, "linewidth": 0})
+            axis.imshow(grid, cmap=colours, vmin=low, vmax=high if high > low else low + 1e-9, aspect="auto")
+            axis.set_yticks(range(len(row_values)), [str(v) for v in row_values])
+            axis.set_ylabel(short_key(rows_key))
+            axis.set_xticks(range(len(col_values)), [str(v) for v in col_values] if cols_key else [""])
+            if cols_key:
+                axis.set_xlabel(short_key(cols_key))
+            if fixed:
+                axis.set_title(cell_label(fixed), fontsize=9)
+        direction = "lower" if mode == "min" else "higher"
+        figure.suptitle(f"{metric} ({direction} is better; best outlined)" + (f"\n{note}" if note else ""), fontsize=10)
+        figure.tight_layout()
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(path, dpi=100)
+        plt.close(figure)
+        return path
+
+
+def _distinct(rows: list[dict], key: str) -> list:
+    seen = []
+    for row in rows:
+        if row[key] not in seen:
+            seen.append(row[key])
+    return seen
+
+
+def _number(value: Any) -> float | None:
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _show(value: float | None) -> str:
+    return "" if value is None else f"{value:.4g}"
