@@ -4,8 +4,6 @@ and heatmaps, best-settings YAML. The Ray Tune runs are in tests/test_sweep_runs
 from __future__ import annotations
 
 import csv
-import contextlib
-import importlib.util
 import io
 from pathlib import Path
 
@@ -17,25 +15,12 @@ from janus_lab.config import CfgSweepConfig, ConfigError, MaskingAblationConfig,
 from janus_lab.sweeps.grid import cell_label, cell_slug, grid_cells
 from janus_lab.sweeps.results import ResultsTable
 from janus_lab.sweeps.runner import SweepError, TrialResources, plan_concurrency
+from entry_points import run_main
 from synthetic_shards import write_synthetic_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 DEBUG_SWEEP = REPO / "sweeps" / "configs" / "debug.yaml"
 CFG_DEBUG = REPO / "sweeps" / "configs" / "cfg_debug.yaml"
-
-
-def run_entry_point(script: str, *args: str) -> tuple[int, str, str]:
-    """Runs `sweeps/<script>` main() in-process: (exit status, stdout, stderr)."""
-    spec = importlib.util.spec_from_file_location(Path(script).stem, REPO / "sweeps" / script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            rc = module.main(list(args))
-        except SystemExit as exit_:  # parse_cli exits 2 on a bad config, like argparse
-            rc = exit_.code
-    return rc, out.getvalue(), err.getvalue()
 
 
 # --------------------------------------------------------------------------- grids and configs
@@ -95,7 +80,7 @@ def test_sampling_keys_are_generation_request_fields():
 
 
 def test_cli_reports_a_misspelt_grid_key_before_anything_runs():
-    rc, _, err = run_entry_point("masking_ablation.py", "--config", str(DEBUG_SWEEP),
+    rc, _, err = run_main("sweeps/masking_ablation.py", "--config", str(DEBUG_SWEEP),
                                  "grid={masking.t2i_text_drp: [0.0]}")
     assert rc == 2 and "did you mean 'masking.t2i_text_drop'" in err
 
@@ -167,7 +152,7 @@ def test_missing_checkpoint_alias_clip_and_prompts_fail_before_any_trial(tmp_pat
         read_prompt_set(str(tmp_path / "none.jsonl"), 0)
     with pytest.raises(SweepError, match="grid cell cfg_weight=-1.0: cfg_weight: must be >= 0"):
         check_cells(load_config(CfgSweepConfig, CFG_DEBUG, ["grid={cfg_weight: [-1.0, 5.0]}"]))
-    rc, _, err = run_entry_point("cfg_sweep.py", "--config", str(CFG_DEBUG), f"clip_model={tmp_path / 'no-clip'}")
+    rc, _, err = run_main("sweeps/cfg_sweep.py", "--config", str(CFG_DEBUG), f"clip_model={tmp_path / 'no-clip'}")
     assert rc == 2 and "no-clip does not exist" in err
 
 
