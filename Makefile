@@ -67,7 +67,7 @@ sample-data: | $(PY)
 
 # --- the two README commands ---
 #   make test      the whole suite (unit + integration) in .venv
-#   make demo      local stack -> sample data -> ingest to S3 -> ray job submit finetune -> generate
+#   make demo      local stack -> sample data -> ingest to S3 -> finetune -> promote -> generate -> 2x2 ablation -> serve
 
 .PHONY: test demo
 test: venv

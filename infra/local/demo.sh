@@ -10,24 +10,29 @@ RAY=.venv/bin/ray
 RUN="demo-$(date +%Y%m%d-%H%M%S)"
 DATASET="s3://${JANUS_BUCKET}/datasets/sample"
 
-echo "== 1/5 ingest data/sample -> ${DATASET} (Ray Data on the local cluster)"
+echo "== 1/6 ingest data/sample -> ${DATASET} (Ray Data on the local cluster)"
 "$PY" jobs/ingest.py --config jobs/configs/ingest_sample.yaml "output.uri=${DATASET}" output.overwrite=true
 
-echo "== 2/5 fine-tune the debug model: ray job submit jobs/finetune.py (run ${RUN})"
+echo "== 2/6 fine-tune the debug model: ray job submit jobs/finetune.py (run ${RUN})"
 LOG="run/${RUN}-finetune.log"
 "$RAY" job submit --working-dir . -- python jobs/finetune.py --config jobs/configs/debug.yaml \
     "name=${RUN}" "data.uri=${DATASET}" "train.storage_path=s3://${JANUS_BUCKET}/runs" train.eval_every=10 \
     | tee "$LOG"
 RUN_ID=$(sed -n 's/.*MLflow run id: \([0-9a-f]\{32\}\).*/\1/p' "$LOG" | tail -n 1)
 
-echo "== 3/5 register the export and promote it (janus-4o @challenger, @champion if better on val_nll)"
+echo "== 3/6 register the export and promote it (janus-4o @challenger, @champion if better on val_nll)"
 "$PY" jobs/promote.py "run_id=\"${RUN_ID}\""   # quoted: settings are read as YAML
 
-echo "== 4/5 generate with models:/janus-4o@champion"
+echo "== 4/6 generate with models:/janus-4o@champion"
 "$PY" jobs/generate.py "model=models:/janus-4o@champion" "prompt=a red circle on a blue background" \
     parallel_size=4 seed=0 "output_dir=outputs/${RUN}"
 
-echo "== 5/5 serve the champion: serve deploy serve/config.yaml, then one request over HTTP"
+echo "== 5/6 2 x 2 masking ablation: ray job submit sweeps/masking_ablation.py (4 short fine-tunes, table at the end)"
+"$RAY" job submit --working-dir . -- python sweeps/masking_ablation.py --config sweeps/configs/debug.yaml \
+    "name=masking-${RUN}" "overrides.data.uri=${DATASET}" "overrides.train.storage_path=s3://${JANUS_BUCKET}/sweeps/runs" \
+    "run.storage_path=s3://${JANUS_BUCKET}/sweeps"
+
+echo "== 6/6 serve the champion: serve deploy serve/config.yaml, then one request over HTTP"
 SERVE=.venv/bin/serve
 "$SERVE" deploy serve/config.yaml
 ENDPOINT="http://127.0.0.1:8000"
