@@ -1,0 +1,122 @@
+"""The accelerator path: FSDP2 training steps and a batched generation, on CUDA.
+
+The CUDA cases are skipped without a GPU (`pytest -m gpu` runs just them on a GPU machine). The
+training step also runs on CPU with gloo: the same code (process group, `apply_fsdp`, AdamW,
+clipping) that the CUDA case runs with NCCL and bf16 mixed precision, so it is exercised on every
+machine. One process, world size 1: FSDP2 still shards, gathers and reduce-scatters through the
+process group, which is what this checks; several ranks are `test_finetune.py`'s job.
+"""
+
+from __future__ import annotations
+
+import math
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+from janus_lab.data.stream import StreamSpec, micro_batches
+from janus_lab.generation import GenerationEngine, GenerationRequest
+from janus_lab.model import GenerationObjective, SequenceBuilder, debug
+from janus_lab.train.distributed import apply_activation_checkpointing, apply_fsdp, decoder_layers
+from janus_lab.train.loop import build_optimizer
+from synthetic_shards import write_synthetic_dataset
+
+CUDA = pytest.param("cuda", marks=[pytest.mark.gpu,
+                                   pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")])
+
+
+@pytest.fixture
+def process_group(request):
+    """A one-rank process group for the device under test, torn down afterwards."""
+    device = request.param
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    backend = "nccl" if device == "cuda" else "gloo"
+    kwargs = {"device_id": torch.device("cuda", 0)} if device == "cuda" else {}
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1, **kwargs)
+    try:
+        yield torch.device(device, 0) if device == "cuda" else torch.device("cpu")
+    finally:
+        dist.destroy_process_group()
+
+
+def training_batch(tmp_path, builder: SequenceBuilder, device: torch.device) -> dict[str, torch.Tensor]:
+    """One micro-batch of 4 samples from shards in the ingested layout, T2I and TI2I mixed."""
+    import pyarrow.parquet as pq
+
+    root = write_synthetic_dataset(tmp_path / "shards", num_t2i=4, num_ti2i=4, num_val=0)
+    rows = [row for shard in sorted(root.glob("*.parquet")) for row in pq.read_table(shard).to_pylist()]
+    rows = rows[2:6]  # two T2I rows, then two TI2I rows (one of them with two input images)
+    spec = StreamSpec(epoch=0, rank=0, world_size=1, micro_batch_size=4)
+    batch = next(micro_batches(rows, builder, spec))
+    assert batch["task_is_t2i"].tolist().count(True) == 2
+    return {name: value.to(device) for name, value in batch.items() if name != "task_is_t2i"}
+
+
+@pytest.mark.parametrize("process_group", ["cpu", CUDA], indirect=True)
+@pytest.mark.parametrize("activation_checkpointing", [False, True], ids=["plain", "checkpointed"])
+def test_fsdp_training_steps_lower_the_loss_on_their_batch(process_group, activation_checkpointing, tmp_path):
+    device = process_group
+    torch.manual_seed(0)
+    bundle = debug()
+    bundle.model.lm_head.requires_grad_(False)  # as training does: image generation never reads it
+    objective = GenerationObjective(bundle.model).to(device)
+    objective.train()
+    if activation_checkpointing:
+        apply_activation_checkpointing(objective)
+    apply_fsdp(objective, device.type)
+    optimizer = build_optimizer(objective, lr=3e-3, weight_decay=0.0)
+    batch = training_batch(tmp_path, SequenceBuilder(bundle.processor.tokenizer, bundle.num_image_tokens, 64),
+                           device)
+
+    compute_dtypes = []
+    linear = next(m for m in decoder_layers(objective)[0].modules() if isinstance(m, torch.nn.Linear))
+    linear.register_forward_hook(lambda module, args, output: compute_dtypes.append(output.dtype))
+
+    losses, grad_norms = [], []
+    for _ in range(3):  # the training loop's step: forward, backward, clip, AdamW
+        out = objective(**batch)
+        out.loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(objective.parameters(), 1.0)
+        grad_norms.append(float(grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(out.loss.item())
+        assert out.loss.dtype == torch.float32  # the head's logits are upcast before the loss
+    # Between steps the master weights are fp32 shards (DTensors); FSDP2 casts gathered copies
+    # to bf16 for compute on CUDA only.
+    trainable = [p for p in objective.parameters() if p.requires_grad]
+    assert all(isinstance(p, DTensor) for p in trainable)
+    assert all(p.dtype == torch.float32 and p.device.type == device.type for p in trainable)
+    assert set(compute_dtypes) == {torch.bfloat16 if device.type == "cuda" else torch.float32}, compute_dtypes
+    with torch.no_grad():
+        after = objective(**batch).loss.item()
+
+    assert all(math.isfinite(n) and n > 0 for n in grad_norms), grad_norms
+    # A first loss near ln(codebook size) says the 16384-way head scores the supervised codes.
+    assert abs(losses[0] - math.log(16384)) < 1.5, losses
+    assert losses[0] > losses[1] > losses[2] > after and after < losses[0] - 0.05, (losses, after)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_engine_generates_a_mixed_batch_on_cuda(dtype):
+    from PIL import Image
+
+    bundle = debug(device="cuda", dtype=dtype)
+    engine = GenerationEngine.from_bundle(bundle)
+    edit_input = Image.new("RGB", (64, 64), (200, 40, 40))
+    requests = [GenerationRequest("a red circle", parallel_size=4, seed=1),
+                GenerationRequest("make it blue", input_images=[edit_input], seed=2),
+                GenerationRequest("a red circle", parallel_size=4, seed=1)]
+    results = engine.generate(requests)
+    assert [r.codes.shape for r in results] == [(4, 16), (1, 16), (4, 16)]
+    assert all(r.codes.device.type == "cpu" and 0 <= int(r.codes.min()) and int(r.codes.max()) < 16384
+               for r in results)
+    assert torch.equal(results[0].codes, results[2].codes)  # same request, same seed, same batch
+    assert [image.size for image in results[1].images] == [(64, 64)]
