@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Literal
 
 from janus_lab.storage import is_s3_uri, s3_filesystem, strip_scheme
-from janus_lab.tracking import GIT_COMMIT_TAG, resolve_tracking_uri
+from janus_lab.tracking import GIT_COMMIT_TAG, TrackingServerError, check_tracking_server, resolve_tracking_uri
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -123,14 +123,18 @@ def promote(cfg: PromoteConfig) -> PromotionResult:
         The version, the champion before and after, and the decision in words.
 
     Raises:
-        PromotionError: the run does not exist or was deleted, it lacks the metric or the
-            `export_uri` tag, the export holds no Hugging Face checkpoint, or the champion has
-            no value of the metric to compare with (force=true settles that). Raised before
-            anything is changed.
+        PromotionError: the tracking server does not answer, the run does not exist or was
+            deleted, it lacks the metric or the `export_uri` tag, the export holds no Hugging
+            Face checkpoint, or the champion has no value of the metric to compare with
+            (force=true settles that). Raised before anything is changed.
     """
     from mlflow import MlflowClient
 
     tracking_uri = resolve_tracking_uri(cfg.tracking_uri)
+    try:
+        check_tracking_server(tracking_uri)
+    except TrackingServerError as error:
+        raise PromotionError(str(error)) from None
     client = MlflowClient(tracking_uri)
     run = _get_run(client, cfg.run_id, tracking_uri)
     value = _run_metric(run, cfg.metric)

@@ -32,6 +32,44 @@ def resolve_tracking_uri(configured: str | None) -> str:
     return configured or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').absolute()}"
 
 
+class TrackingServerError(ConnectionError):
+    """The MLflow tracking server does not answer."""
+
+
+def check_tracking_server(uri: str, timeout_s: float = 5.0, attempts: int = 3) -> None:
+    """Fails fast, naming the URI, when an HTTP tracking server does not answer.
+
+    MLflow's own client retries a refused connection for about four minutes before it raises;
+    a job should say within seconds that the server is down. Any HTTP answer from
+    `<uri>/health` counts as up (an authenticating proxy may answer 401); only a refused,
+    unresolvable or silent address fails. Other URIs (a SQLite file, `databricks`) pass.
+
+    Raises:
+        TrackingServerError: no answer after `attempts` tries, one second apart.
+    """
+    import time
+    import urllib.error
+    import urllib.request
+
+    if not uri.startswith(("http://", "https://")):
+        return
+    reason = "no answer"
+    for attempt in range(attempts):
+        try:
+            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s):
+                return
+        except urllib.error.HTTPError:
+            return  # it answered
+        except (urllib.error.URLError, OSError) as err:
+            reason = str(getattr(err, "reason", err))
+        if attempt + 1 < attempts:
+            time.sleep(1.0)
+    raise TrackingServerError(
+        f"the MLflow tracking server {uri} is not reachable ({reason}); start the local stack "
+        "(`make up`, then `source run/stack/env.sh`) or point tracking_uri / MLFLOW_TRACKING_URI "
+        "at a running server")
+
+
 def ensure_experiment(client, name: str) -> str:
     """The id of an experiment, created if needed.
 

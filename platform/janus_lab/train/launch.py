@@ -107,13 +107,18 @@ def run_finetune(cfg: ExperimentConfig, run: "RunLogger | None" = None, callback
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from janus_lab.tracking import GIT_COMMIT_TAG, RunLogger, git_commit, resolve_tracking_uri
+    from janus_lab.tracking import (GIT_COMMIT_TAG, RunLogger, TrackingServerError, check_tracking_server,
+                                    git_commit, resolve_tracking_uri)
 
     manifest, per_epoch, total, val_rows = preflight(cfg)
     storage_path, storage_fs = _storage(cfg.train.storage_path)
     export_uri = f"{cfg.train.storage_path.rstrip('/')}/{cfg.name}/export"
 
     tracking_uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
+    try:
+        check_tracking_server(tracking_uri)
+    except TrackingServerError as error:
+        raise PreflightError(str(error)) from None
     tags = {GIT_COMMIT_TAG: git_commit(), "dataset_uri": cfg.data.uri,
             "dataset_fingerprint": str(manifest.get("model", {}).get("fingerprint", "unknown")),
             "ray_train_run": cfg.name}
