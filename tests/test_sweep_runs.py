@@ -1,10 +1,9 @@
 """Sweeps on a local Ray cluster and the local stack's MLflow server, the way users run them.
 
-One masking ablation of the debug model (2 x 1: two text-drop ratios, one image-drop ratio,
-trials one at a time) does double duty: its first attempt is a `sweeps/masking_ablation.py`
-process killed (SIGKILL, whole process group) as soon as one trial has finished, and `--resume`
-then completes it; every cell must end with exactly one child run, and the finished trial must
-not have trained again. A 2 x 2 CFG sweep scores a saved debug
+One 2 x 2 masking ablation of the debug model does double duty: its first attempt is a
+`sweeps/masking_ablation.py` process killed (SIGKILL, whole process group) as soon as one trial
+has finished, and `--resume` then completes it; every cell must end with exactly one child run,
+and the finished trial must not have trained again. A 2 x 2 CFG sweep scores a saved debug
 checkpoint with a saved random test CLIP. Trials are tiny (4 steps, 1 train worker), so each
 costs mostly Ray Train start-up.
 """
@@ -75,8 +74,8 @@ def test_masking_ablation_killed_after_a_trial_resumes_and_runs_every_cell_once(
     dataset = write_synthetic_dataset(tmp_path / "shards")
     args = [f"overrides.data.uri={dataset}", f"overrides.train.storage_path={tmp_path / 'runs'}",
             "overrides.train.max_steps=4", "overrides.train.checkpoint_every=2",
-            f"run.storage_path={tmp_path / 'tune'}", "run.max_concurrent_trials=1",
-            "grid.masking.ti2i_image_drop=[0.5]", f"tracking.experiment={EXPERIMENT}"]
+            f"run.storage_path={tmp_path / 'tune'}", "run.max_concurrent_trials=2",
+            f"tracking.experiment={EXPERIMENT}"]
     env = os.environ | {"RAY_ADDRESS": ray_cluster, "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
     sweep_path = str(tmp_path / "tune" / "masking-debug")
     client = mlflow_client()
@@ -97,7 +96,7 @@ def test_masking_ablation_killed_after_a_trial_resumes_and_runs_every_cell_once(
     assert finished_before is not None, "no trial finished before the deadline (or the sweep exited)"
     parent, children = sweep_runs(client, sweep_path)
     assert parent.info.status == "RUNNING"
-    assert len(children) < 2 or any(c.info.status != "FINISHED" for c in children), "the kill came too late"
+    assert len(children) < 4 or any(c.info.status != "FINISHED" for c in children), "the kill came too late"
     loss_steps_before = [m.step for m in client.get_metric_history(finished_before.info.run_id, "loss")]
 
     again = subprocess.run(sweep_command(*args, "--resume"), cwd=REPO, env=env, capture_output=True, text=True,
@@ -108,7 +107,8 @@ def test_masking_ablation_killed_after_a_trial_resumes_and_runs_every_cell_once(
     parent, children = sweep_runs(client, sweep_path)
     assert parent.info.status == "FINISHED"
     cells = sorted(c.data.tags[SWEEP_CELL_TAG] for c in children)
-    assert cells == ["t2i_text_drop0.0-ti2i_image_drop0.5", "t2i_text_drop0.25-ti2i_image_drop0.5"]  # one run each
+    assert cells == ["t2i_text_drop0.0-ti2i_image_drop0.0", "t2i_text_drop0.0-ti2i_image_drop0.5",
+                     "t2i_text_drop0.25-ti2i_image_drop0.0", "t2i_text_drop0.25-ti2i_image_drop0.5"]  # one run each
     for child in children:
         assert child.info.status == "FINISHED"
         assert {"val_nll", "loss", "val_t2i_nll"} <= set(child.data.metrics), child.data.metrics
@@ -121,11 +121,11 @@ def test_masking_ablation_killed_after_a_trial_resumes_and_runs_every_cell_once(
     assert {"results/results.csv", "results/results.md", "results/heatmap_val_nll.png"} <= artifacts
     table = client.download_artifacts(parent.info.run_id, "results/results.csv", str(tmp_path))
     rows = list(csv.DictReader(io.StringIO(Path(table).read_text())))
-    assert len(rows) == 2 and all(r["status"] == "done" and float(r["val_nll"]) > 0 for r in rows)
+    assert len(rows) == 4 and all(r["status"] == "done" and float(r["val_nll"]) > 0 for r in rows)
     assert {r["run_id"] for r in rows} == {c.info.run_id for c in children}
     assert "best_val_nll" in parent.data.metrics
     trials = ExperimentAnalysis(sweep_path).trials
-    assert len(trials) == 2 and all(t.status == "TERMINATED" for t in trials)
+    assert len(trials) == 4 and all(t.status == "TERMINATED" for t in trials)
 
     # The sweep exists now: starting it again without --resume is refused before any trial.
     with pytest.raises(SweepError, match="add --resume to continue it"):
