@@ -32,14 +32,17 @@ echo "== 5/6 2 x 2 masking ablation: ray job submit sweeps/masking_ablation.py (
     "name=masking-${RUN}" "overrides.data.uri=${DATASET}" "overrides.train.storage_path=s3://${JANUS_BUCKET}/sweeps/runs" \
     "run.storage_path=s3://${JANUS_BUCKET}/sweeps"
 
-echo "== 6/6 serve the champion: serve deploy serve/config.yaml, then one request over HTTP"
+echo "== 6/6 serve the champion: serve deploy serve/config.yaml, then a text-to-image and an edit request over HTTP"
 SERVE=.venv/bin/serve
 "$SERVE" deploy serve/config.yaml
 ENDPOINT="http://127.0.0.1:8000"
-"$PY" - "$ENDPOINT" "outputs/${RUN}/served.png" <<'PYEOF'
-import base64, json, sys, time, urllib.error, urllib.request
+"$PY" - "$ENDPOINT" "outputs/${RUN}/served" <<'PYEOF'
+import base64, json, os, sys, time, urllib.error, urllib.request
 
-endpoint, out = sys.argv[1], sys.argv[2]
+import requests
+
+endpoint, folder = sys.argv[1], sys.argv[2]
+os.makedirs(folder, exist_ok=True)
 deadline = time.monotonic() + 180
 while True:  # the replica downloads the champion from the registry before it answers
     try:
@@ -50,18 +53,30 @@ while True:  # the replica downloads the champion from the registry before it an
         if time.monotonic() > deadline:
             sys.exit(f"the server at {endpoint} did not come up in 180 s; see `serve status`")
         time.sleep(2)
-body = json.dumps({"prompt": "a red circle on a blue background", "n": 1, "seed": 0}).encode()
-request = urllib.request.Request(f"{endpoint}/v1/images/generations", body, {"Content-Type": "application/json"})
-with urllib.request.urlopen(request, timeout=120) as answer:
-    data = json.load(answer)
-with open(out, "wb") as png:
-    png.write(base64.b64decode(data["data"][0]["b64_json"]))
-print(f"POST /v1/images/generations -> {out} (seed {data['seed']}, version {data['model']['version']})")
+
+def save(answer: requests.Response, name: str) -> bytes:
+    if answer.status_code != 200:
+        sys.exit(f"{answer.request.method} {answer.request.path_url} -> {answer.status_code}: {answer.text}")
+    data = answer.json()
+    png = base64.b64decode(data["data"][0]["b64_json"])
+    path = os.path.join(folder, name)
+    with open(path, "wb") as out:
+        out.write(png)
+    print(f"{answer.request.method} {answer.request.path_url} -> {path} "
+          f"(seed {data['seed']}, version {data['model']['version']})")
+    return png
+
+
+made = save(requests.post(f"{endpoint}/v1/images/generations", timeout=120,
+                          json={"prompt": "a red circle on a blue background", "n": 1, "seed": 0}), "t2i.png")
+# The edit takes the picture just made as its input image (multipart, as OpenAI's edits endpoint).
+save(requests.post(f"{endpoint}/v1/images/edits", timeout=120, files={"image": ("t2i.png", made, "image/png")},
+                   data={"prompt": "make the circle green", "n": "1", "seed": "0"}), "edit.png")
 PYEOF
 
 echo
 echo "MLflow run:  ${MLFLOW_TRACKING_URI}/#/experiments (experiment janus-4o-debug, run ${RUN}, id ${RUN_ID})"
 echo "Registry:    ${MLFLOW_TRACKING_URI}/#/models/janus-4o"
-echo "Checkpoints and export: s3://${JANUS_BUCKET}/runs/${RUN}/   Images: outputs/${RUN}/"
+echo "Checkpoints and export: s3://${JANUS_BUCKET}/runs/${RUN}/   Images: outputs/${RUN}/ (served: outputs/${RUN}/served/)"
 echo "Server:      ${ENDPOINT}/v1/images/generations (serve status; serve shutdown -y stops it)"
 echo "Stop the stack with: make down"
