@@ -9,6 +9,7 @@ same. benchmarks/generate.py times the engine against this same function.
 
 from __future__ import annotations
 
+import inspect
 import io
 import math
 import re
@@ -32,7 +33,7 @@ from janus_lab.generation import (
     mix_guidance,
     sample_from_logits,
 )
-from janus_lab.model import SequenceBuilder, debug, embed_inputs, encode_vq_codes, image_to_tensor
+from janus_lab.model import SequenceBuilder, cache_kwarg, debug, embed_inputs, encode_vq_codes, image_to_tensor
 
 N = 16  # codes per image of the 64 px debug model
 
@@ -69,8 +70,8 @@ def reference_generate(bundle, request: GenerationRequest, seed: int) -> torch.T
         embeds = embed_inputs(model, input_ids, gen_codes, pixel_values)
         codes = []
         for step in range(n):
-            hidden = core.language_model(inputs_embeds=embeds, past_key_values=cache,
-                                         use_cache=True).last_hidden_state[:, -1]
+            hidden = core.language_model(inputs_embeds=embeds, use_cache=True,
+                                         **{cache_kwarg(core.language_model): cache}).last_hidden_state[:, -1]
             logits = core.generation_head(hidden).float()
             if pixels:
                 c = (logits[0] + w2 * logits[1]) / (1 + w2)
@@ -372,6 +373,20 @@ def test_request_from_dict():
     assert caught.value.field == "temprature"
     with pytest.raises(GenerationRequestError, match="is missing"):
         GenerationRequest.from_dict({"seed": 1})
+
+
+def test_the_kv_cache_goes_by_the_name_the_installed_transformers_takes():
+    class Renamed(torch.nn.Module):  # transformers 5.24 on
+        def forward(self, inputs_embeds=None, cache=None, use_cache=None):
+            return inputs_embeds
+
+    class Original(torch.nn.Module):  # earlier 5.x
+        def forward(self, inputs_embeds=None, past_key_values=None, use_cache=None):
+            return inputs_embeds
+
+    assert cache_kwarg(Renamed()) == "cache" and cache_kwarg(Original()) == "past_key_values"
+    language_model = debug().model.model.language_model
+    assert cache_kwarg(language_model) in inspect.signature(language_model.forward).parameters
 
 
 # --------------------------------------------------------------------------- GPU path

@@ -33,7 +33,7 @@ from janus_lab.generation.requests import (
 )
 from janus_lab.generation.sampling import GuidedSampler, ImageSampling
 from janus_lab.model.builders import JanusBundle
-from janus_lab.model.objective import embed_inputs
+from janus_lab.model.objective import cache_kwarg, embed_inputs
 from janus_lab.model.sequence import NO_CODE, SequenceBuilder, TokenizedSample
 from janus_lab.model.vq import decode_vq_codes, encode_vq_codes, image_to_tensor, tensor_to_images
 
@@ -104,6 +104,7 @@ class GenerationEngine:
             raise ValueError("compile_step needs static_cache: a growing cache changes shapes every step")
         self.compile_step = compile_step
         self.max_sequence_length = int(model.config.text_config.max_position_embeddings)
+        self._cache_kwarg = cache_kwarg(model.model.language_model)
         self._step = torch.compile(self._decode_step, mode="reduce-overhead", dynamic=False) \
             if compile_step else self._decode_step
         self._cache_key: tuple | None = None
@@ -271,8 +272,8 @@ class GenerationEngine:
         n = self.num_image_tokens
         prefill_cache = DynamicCache(config=core.language_model.config)
         hidden = core.language_model(inputs_embeds=batch.prefill_embeds, attention_mask=batch.prefill_mask,
-                                     position_ids=batch.prefill_positions, past_key_values=prefill_cache,
-                                     use_cache=True).last_hidden_state[:, -1]
+                                     position_ids=batch.prefill_positions, use_cache=True,
+                                     **{self._cache_kwarg: prefill_cache}).last_hidden_state[:, -1]
         row_logits = core.generation_head(hidden).float().index_select(0, batch.row_source)
 
         rows, length = batch.num_rows, batch.prefix_length
@@ -307,7 +308,7 @@ class GenerationEngine:
         """One token for every row: (R, 1, D) embeddings -> (R, V) float32 generation logits."""
         core = self.model.model
         hidden = core.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-                                     past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
+                                     use_cache=True, **{self._cache_kwarg: cache}).last_hidden_state[:, -1]
         return core.generation_head(hidden).float()
 
     def _static_cache_from(self, prefill_cache: DynamicCache, batch: CfgBatch) -> tuple[StaticCache, int, int]:

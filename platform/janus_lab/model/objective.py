@@ -7,6 +7,7 @@ forward call.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +16,16 @@ from torch import nn
 from transformers import JanusForConditionalGeneration
 
 from janus_lab.model.sequence import IGNORE_INDEX
+
+
+def cache_kwarg(language_model: nn.Module) -> str:
+    """The keyword a language model's forward takes its KV cache by.
+
+    transformers renamed `past_key_values` to `cache` (5.24 takes both and warns on the old
+    name, which goes in 5.40); earlier 5.x releases know only `past_key_values`.
+    """
+    parameters = inspect.signature(language_model.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
 
 
 def embed_inputs(model: JanusForConditionalGeneration, input_ids: torch.Tensor, gen_codes: torch.Tensor,
