@@ -100,10 +100,18 @@ def test_training_lowers_validation_nll_and_exports(uninterrupted, local_stack):
     assert sorted(loss_history(cfg, result.mlflow_run_id)) == list(range(1, STEPS + 1))
 
 
-def _kill_a_worker_after_checkpoint(run_dir, stop: threading.Event, killed: list) -> None:
-    """Waits for the first checkpoint, then SIGKILLs one Ray Train worker process."""
+def _kill_a_worker_after_checkpoint(run_dir, stop: threading.Event, killed: list, registered: str = "") -> None:
+    """Waits for the first checkpoint, then SIGKILLs one Ray Train worker process.
+
+    With `registered`, waits until Ray Train's checkpoint manager has recorded that checkpoint
+    (a resubmitted job can only resume from one it recorded).
+    """
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
     while not stop.is_set():
-        if run_dir.exists() and any(run_dir.glob("checkpoint_0*")):
+        if registered:
+            if snapshot.exists() and registered in snapshot.read_text():
+                break
+        elif run_dir.exists() and any(run_dir.glob("checkpoint_0*")):
             break
         time.sleep(0.2)
     # ray.init(address="local") made this process the parent of the whole cluster.
@@ -168,3 +176,48 @@ def test_preflight_refuses_a_dataset_encoded_by_another_random_vq(dataset, tmp_p
     cfg = load_config(ExperimentConfig, "jobs/configs/debug.yaml", [f"data.uri={copy}"])
     with pytest.raises(PreflightError, match="set train.seed=7"):
         preflight(cfg)
+
+
+def test_a_failed_job_submitted_again_resumes_into_its_mlflow_run(uninterrupted, dataset, tmp_path):
+    """The job fails (a worker killed after the step-3 checkpoint, no restarts allowed); the same
+    job submitted again resumes from that checkpoint and logs into the first submission's run."""
+    from mlflow import MlflowClient
+    from ray.train import TrainingFailedError
+
+    from janus_lab.train.launch import RESUME_COUNT_TAG
+
+    reference_cfg, reference = uninterrupted
+    cfg = config(dataset, tmp_path, "resubmitted", "train.max_failures=0")
+    stop, killed = threading.Event(), []
+    killer = threading.Thread(target=_kill_a_worker_after_checkpoint, daemon=True,
+                              args=(tmp_path / "runs" / "resubmitted", stop, killed, "checkpoint_0000003"))
+    killer.start()
+    try:
+        with pytest.raises(TrainingFailedError):
+            run_finetune(cfg)
+    finally:
+        stop.set()
+        killer.join(timeout=30)
+    assert killed, "no worker was killed: the run ended before its first checkpoint"
+    client = MlflowClient(cfg.tracking.tracking_uri)
+    [failed] = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])
+    assert failed.info.status == "FAILED"
+    steps_before = sorted(loss_history(cfg, failed.info.run_id))
+    assert steps_before[:3] == [1, 2, 3] and steps_before[-1] < STEPS, steps_before
+
+    result = run_finetune(cfg)  # submitted again, unchanged
+
+    assert result.mlflow_run_id == failed.info.run_id
+    run = client.get_run(result.mlflow_run_id)
+    assert run.info.status == "FINISHED" and run.data.tags[RESUME_COUNT_TAG] == "1"
+    assert not any(key.endswith(".changed") for key in run.data.tags)  # same config, nothing changed
+    assert len(client.search_runs([run.info.experiment_id])) == 1
+    history = loss_history(cfg, result.mlflow_run_id)
+    expected = {step: values[0] for step, values in loss_history(reference_cfg, reference.mlflow_run_id).items()}
+    assert sorted(history) == list(range(1, STEPS + 1))
+    assert [len(history[step]) for step in (1, 2, 3)] == [1, 1, 1], "steps before the checkpoint were redone"
+    for step, values in history.items():
+        for value in values:
+            assert value == pytest.approx(expected[step], rel=1e-5, abs=1e-6), (step, values, expected[step])
+    artifacts = {a.path for a in client.list_artifacts(result.mlflow_run_id, "config")}
+    assert artifacts == {"config/resolved.yaml", "config/resume_1.yaml"}

@@ -144,6 +144,21 @@ class RunLogger:
         for start in range(0, len(items), 100):
             self._client.log_batch(self.run_id, params=items[start:start + 100])
 
+    def log_new_params(self, params: Mapping[str, Any]) -> dict[str, tuple[str, str]]:
+        """Logs the params the run does not have yet; MLflow keeps a param's first value.
+
+        Returns:
+            {key: (logged value, new value)} for params whose value changed (a resumed run
+            extended with a higher `train.max_steps`, say); the caller records them.
+        """
+        if not self.active:
+            return {}
+        logged = self._client.get_run(self.run_id).data.params
+        new = {k: v for k, v in params.items() if k not in logged}
+        self.log_params(new)
+        return {k: (logged[k], str(v)[:6000]) for k, v in params.items()
+                if k in logged and logged[k] != str(v)[:6000]}
+
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         if not self.active:
             return

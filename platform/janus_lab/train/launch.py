@@ -16,6 +16,10 @@ if TYPE_CHECKING:
     from janus_lab.tracking import RunLogger
 
 # Samples of the sample grid logged at each validation.
+RUN_DIR_TAG = "train_run_dir"
+"""Tag: where the run keeps its checkpoints; a later submission with the same folder resumes it."""
+RESUME_COUNT_TAG = "resume_count"
+"""Tag: how many later submissions resumed this run from its checkpoints."""
 DEFAULT_SAMPLE_PROMPTS = ["a red circle on a white background", "a blue square on a yellow background"]
 # Environment the workers need to reach S3 and MLflow.
 FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
@@ -97,7 +101,9 @@ def run_finetune(cfg: ExperimentConfig, run: "RunLogger | None" = None, callback
     """Runs fine-tuning on the Ray cluster this process is connected to.
 
     The MLflow run is opened here, on the driver, so that a worker group restarted after a
-    failure keeps logging into the same run.
+    failure keeps logging into the same run. A job submitted again with the same `name` and
+    `train.storage_path` resumes from the checkpoints there (Ray Train's rule) and logs into the
+    MLflow run of the submission that wrote them (tag `train_run_dir`), counting `resume_count`.
 
     Args:
         cfg: the experiment.
@@ -119,10 +125,26 @@ def run_finetune(cfg: ExperimentConfig, run: "RunLogger | None" = None, callback
         check_tracking_server(tracking_uri)
     except TrackingServerError as error:
         raise PreflightError(str(error)) from None
+    run_dir = f"{cfg.train.storage_path.rstrip('/')}/{cfg.name}"
     tags = {GIT_COMMIT_TAG: git_commit(), "dataset_uri": cfg.data.uri,
             "dataset_fingerprint": str(manifest.get("model", {}).get("fingerprint", "unknown")),
-            "ray_train_run": cfg.name}
-    if run is None:
+            "ray_train_run": cfg.name, RUN_DIR_TAG: run_dir}
+    config_file = "config/resolved.yaml"
+    previous = _previous_run(cfg, tracking_uri, run_dir, storage_path, storage_fs) if run is None else None
+    if previous is not None:
+        # A job submitted again after a failure: Ray Train resumes from the run's checkpoints,
+        # so the metrics go on in the run that logged the steps before them.
+        logger = RunLogger.reopen(tracking_uri, previous.info.run_id)
+        resumes = int(previous.data.tags.get(RESUME_COUNT_TAG, "0")) + 1
+        changed = logger.log_new_params(flatten(cfg))
+        logger.set_tags(tags | {RESUME_COUNT_TAG: resumes})
+        if changed:
+            logger.set_tags({f"resume_{resumes}.changed": "; ".join(
+                f"{key}: {old} -> {new}" for key, (old, new) in changed.items())[:5000]})
+        config_file = f"config/resume_{resumes}.yaml"
+        print(f"{run_dir} has checkpoints: resuming, logging into MLflow run {logger.run_url()} "
+              f"(resume {resumes}{', changed: ' + ', '.join(changed) if changed else ''})", flush=True)
+    elif run is None:
         logger = RunLogger.open_run(tracking_uri, cfg.tracking.experiment, cfg.tracking.run_name or cfg.name,
                                     params=flatten(cfg), tags=tags)
     else:
@@ -132,7 +154,7 @@ def run_finetune(cfg: ExperimentConfig, run: "RunLogger | None" = None, callback
     from janus_lab.config import dump_yaml
     import json
 
-    logger.log_text(dump_yaml(cfg), "config/resolved.yaml")
+    logger.log_text(dump_yaml(cfg), config_file)
     logger.log_text(json.dumps(manifest, indent=2), "dataset/_manifest.json")
     plan = LoopPlan(config=to_dict(cfg), steps_per_epoch=per_epoch, total_steps=total, val_rows=val_rows,
                     tracking_uri=tracking_uri, run_id=logger.run_id, export_uri=export_uri,
@@ -174,6 +196,23 @@ def run_finetune(cfg: ExperimentConfig, run: "RunLogger | None" = None, callback
 def forwarded_env() -> dict[str, str]:
     """The variables of FORWARDED_ENV this process has: what Ray workers need to reach S3 and MLflow."""
     return {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+
+
+def _previous_run(cfg: ExperimentConfig, tracking_uri: str, run_dir: str, storage_path: str, storage_fs):
+    """The MLflow run of an earlier submission of this run, when it left checkpoints to resume."""
+    from janus_lab.tracking import find_run
+
+    folder = f"{storage_path.rstrip('/')}/{cfg.name}"
+    if storage_fs is None:
+        names = os.listdir(folder) if os.path.isdir(folder) else []
+    else:
+        from pyarrow import fs as pafs
+
+        found = storage_fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+        names = [info.base_name for info in found]
+    if not any(name.startswith("checkpoint_") for name in names):
+        return None
+    return find_run(tracking_uri, cfg.tracking.experiment, {RUN_DIR_TAG: run_dir})
 
 
 def _storage(path: str):
