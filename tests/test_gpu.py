@@ -21,7 +21,7 @@ from janus_lab.data.stream import StreamSpec, micro_batches
 from janus_lab.generation import GenerationEngine, GenerationRequest
 from janus_lab.model import GenerationObjective, SequenceBuilder, debug
 from janus_lab.train.distributed import apply_activation_checkpointing, apply_fsdp, decoder_layers
-from janus_lab.train.loop import build_optimizer
+from janus_lab.train.loop import build_optimizer, gradient_sync
 from synthetic_shards import write_synthetic_dataset
 
 CUDA = pytest.param("cuda", marks=[pytest.mark.gpu,
@@ -44,23 +44,22 @@ def process_group(request):
         dist.destroy_process_group()
 
 
-def training_batch(tmp_path, builder: SequenceBuilder, device: torch.device) -> dict[str, torch.Tensor]:
-    """One micro-batch of 4 samples from shards in the ingested layout, T2I and TI2I mixed."""
+def training_batches(tmp_path, builder: SequenceBuilder, device: torch.device,
+                     micro_batch_size: int = 4) -> list[dict[str, torch.Tensor]]:
+    """Micro-batches of 4 samples from shards in the ingested layout, T2I and TI2I mixed."""
     import pyarrow.parquet as pq
 
     root = write_synthetic_dataset(tmp_path / "shards", num_t2i=4, num_ti2i=4, num_val=0)
     rows = [row for shard in sorted(root.glob("*.parquet")) for row in pq.read_table(shard).to_pylist()]
     rows = rows[2:6]  # two T2I rows, then two TI2I rows (one of them with two input images)
-    spec = StreamSpec(epoch=0, rank=0, world_size=1, micro_batch_size=4)
-    batch = next(micro_batches(rows, builder, spec))
-    assert batch["task_is_t2i"].tolist().count(True) == 2
-    return {name: value.to(device) for name, value in batch.items() if name != "task_is_t2i"}
+    spec = StreamSpec(epoch=0, rank=0, world_size=1, micro_batch_size=micro_batch_size)
+    batches = list(micro_batches(rows, builder, spec))
+    assert sum(batch["task_is_t2i"].tolist().count(True) for batch in batches) == 2
+    return [{name: value.to(device) for name, value in batch.items() if name != "task_is_t2i"} for batch in batches]
 
 
-@pytest.mark.parametrize("process_group", ["cpu", CUDA], indirect=True)
-@pytest.mark.parametrize("activation_checkpointing", [False, True], ids=["plain", "checkpointed"])
-def test_fsdp_training_steps_lower_the_loss_on_their_batch(process_group, activation_checkpointing, tmp_path):
-    device = process_group
+def sharded_objective(device: torch.device, activation_checkpointing: bool = False):
+    """The training loop's set-up: debug model, text head frozen, FSDP2 per layer and at the root."""
     torch.manual_seed(0)
     bundle = debug()
     bundle.model.lm_head.requires_grad_(False)  # as training does: image generation never reads it
@@ -69,9 +68,17 @@ def test_fsdp_training_steps_lower_the_loss_on_their_batch(process_group, activa
     if activation_checkpointing:
         apply_activation_checkpointing(objective)
     apply_fsdp(objective, device.type)
+    return bundle, objective
+
+
+@pytest.mark.parametrize("process_group", ["cpu", CUDA], indirect=True)
+@pytest.mark.parametrize("activation_checkpointing", [False, True], ids=["plain", "checkpointed"])
+def test_fsdp_training_steps_lower_the_loss_on_their_batch(process_group, activation_checkpointing, tmp_path):
+    device = process_group
+    bundle, objective = sharded_objective(device, activation_checkpointing)
     optimizer = build_optimizer(objective, lr=3e-3, weight_decay=0.0)
-    batch = training_batch(tmp_path, SequenceBuilder(bundle.processor.tokenizer, bundle.num_image_tokens, 64),
-                           device)
+    [batch] = training_batches(tmp_path, SequenceBuilder(bundle.processor.tokenizer, bundle.num_image_tokens, 64),
+                               device)
 
     compute_dtypes = []
     linear = next(m for m in decoder_layers(objective)[0].modules() if isinstance(m, torch.nn.Linear))
@@ -101,6 +108,30 @@ def test_fsdp_training_steps_lower_the_loss_on_their_batch(process_group, activa
     assert abs(losses[0] - math.log(16384)) < 1.5, losses
     # Not step by step: bf16 rounding of the logits is as large as the first step's gain.
     assert losses[2] < losses[0] and after < losses[0] - 0.05, (losses, after)
+
+
+@pytest.mark.parametrize("process_group", ["cpu", CUDA], indirect=True)
+def test_reducing_every_micro_batch_gives_the_same_gradients_without_the_unsharded_buffer(process_group, tmp_path):
+    device = process_group
+    gradients, held_after_first = {}, {}
+    for every_micro_batch in (False, True):
+        bundle, objective = sharded_objective(device)
+        builder = SequenceBuilder(bundle.processor.tokenizer, bundle.num_image_tokens, 64)
+        batches = training_batches(tmp_path / str(every_micro_batch), builder, device, micro_batch_size=2)
+        assert len(batches) == 2  # one accumulation window of 2
+        for index, batch in enumerate(batches):
+            objective.set_requires_gradient_sync(gradient_sync(index, len(batches), every_micro_batch))
+            (objective(**batch).loss / len(batches)).backward()
+            if index == 0:
+                # Sharded gradients exist after the first micro-batch only if it was reduce-scattered.
+                held_after_first[every_micro_batch] = [p.grad is not None for p in objective.parameters()
+                                                       if p.requires_grad]
+        gradients[every_micro_batch] = {name: p.grad.full_tensor().float().cpu()
+                                        for name, p in objective.named_parameters() if p.requires_grad}
+    assert not any(held_after_first[False]) and all(held_after_first[True])
+    tolerance = {"rtol": 1e-4, "atol": 1e-6} if device.type == "cpu" else {"rtol": 2e-2, "atol": 1e-4}
+    for name, expected in gradients[False].items():
+        torch.testing.assert_close(gradients[True][name], expected, **tolerance, msg=name)
 
 
 @pytest.mark.gpu

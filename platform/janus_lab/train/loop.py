@@ -64,6 +64,16 @@ def build_optimizer(objective: torch.nn.Module, lr: float, weight_decay: float) 
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8)
 
 
+def gradient_sync(micro_batch: int, accumulation: int, every_micro_batch: bool) -> bool:
+    """Whether FSDP reduce-scatters the gradients of this micro-batch (0-based, in the epoch).
+
+    By default only the micro-batch that ends an accumulation window does: the others add into
+    unsharded gradients, one reduce-scatter per step. `every_micro_batch` trades that buffer
+    for a reduce-scatter per micro-batch (`train.reduce_every_micro_batch`).
+    """
+    return every_micro_batch or (micro_batch + 1) % accumulation == 0
+
+
 def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_initialized():
@@ -154,8 +164,8 @@ def train_loop_per_worker(plan_dict: dict) -> None:
         for batch in stream:
             batch = {k: v.to(device) for k, v in batch.items()}
             task_is_t2i = batch.pop("task_is_t2i")
-            # Reduce-scatter gradients only on the micro-batch that ends an accumulation window.
-            objective.set_requires_gradient_sync((progress.micro_batches_in_epoch + 1) % accumulation == 0)
+            objective.set_requires_gradient_sync(gradient_sync(progress.micro_batches_in_epoch, accumulation,
+                                                               cfg.train.reduce_every_micro_batch))
             out = objective(**batch)
             (out.loss / accumulation).backward()
             window.add(out, task_is_t2i, int(batch["attention_mask"].sum()))
