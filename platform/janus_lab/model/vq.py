@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from transformers import JanusForConditionalGeneration
+from transformers import JanusForConditionalGeneration, JanusVQVAE
 
 from janus_lab.model.tokenizer import IMAGE_MEAN, IMAGE_STD
 
@@ -39,20 +39,20 @@ def pixels_to_tensor(pixels: np.ndarray) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_vq_codes(model: JanusForConditionalGeneration, pixel_values: torch.Tensor) -> torch.Tensor:
+def encode_vq_codes(model: JanusForConditionalGeneration | JanusVQVAE, pixel_values: torch.Tensor) -> torch.Tensor:
     """Encodes images into VQ codes with the normalised nearest-code search.
 
     encoder -> quant_conv -> L2-normalise latent and codebook -> nearest code. On unit vectors the
     nearest code by Euclidean distance is the one with the largest dot product.
 
     Args:
-        model: a Janus model; only its (frozen) VQ tokenizer is used.
+        model: a Janus model (only its frozen VQ tokenizer is used), or the VQ tokenizer alone.
         pixel_values: (B, 3, H, W) in [-1, 1].
 
     Returns:
         (B, N) int64 codes in raster order.
     """
-    vq = model.model.vqmodel
+    vq = model if isinstance(model, JanusVQVAE) else model.model.vqmodel
     weight = vq.quantize.embedding.weight
     latent = vq.quant_conv(vq.encoder(pixel_values.to(device=weight.device, dtype=weight.dtype)))
     latent = F.normalize(latent.float().permute(0, 2, 3, 1).flatten(1, 2), dim=-1)  # (B, N, D)
