@@ -495,6 +495,29 @@ def test_encoder_codes_equal_encode_vq_codes(encoder):
     assert out[0]["fingerprint"] == vq_fingerprint(model, bundle.processor.tokenizer)
 
 
+def test_encoder_from_weights_reads_only_the_vq_tokenizer_and_encodes_alike(tmp_path):
+    """A checkpoint folder gives the same codes and fingerprint as the model it was saved from,
+    and the actor holds the VQ tokenizer alone (bf16 on disk, as the released weights are)."""
+    import torch
+    from transformers import JanusVQVAE
+
+    from janus_lab.model import debug, encode_vq_codes, image_to_tensor
+    from janus_lab.model.weights import save_pretrained
+
+    bundle = debug(seed=42)
+    bundle.model.model.vqmodel.to(torch.bfloat16)
+    save_pretrained(bundle, tmp_path / "ckpt")
+    from_weights = VQEncoder({"preset": "debug", "weights": str(tmp_path / "ckpt"), "image_size": 64},
+                             init_seed=0, max_text_tokens=64)  # the seed only matters for random init
+    assert isinstance(from_weights.vq, JanusVQVAE) and not hasattr(from_weights, "model")
+    assert from_weights.vq.quantize.embedding.weight.dtype == torch.float32
+    assert from_weights.fingerprint == vq_fingerprint(bundle.model, bundle.processor.tokenizer)
+    image = image_to_tensor(sample_records(num_t2i=1, num_ti2i=0)[0].output_image(), 64).unsqueeze(0)
+    assert torch.equal(encode_vq_codes(from_weights.vq, image), encode_vq_codes(bundle.model.float(), image))
+    with pytest.raises(ValueError, match="model.image_size is 384 but the model reads 64 px images"):
+        VQEncoder({"preset": "debug", "weights": str(tmp_path / "ckpt"), "image_size": 384}, 0, 64)
+
+
 def test_fingerprint_follows_the_vq_weights_not_the_dtype():
     from janus_lab.model import debug
 

@@ -314,13 +314,18 @@ def build_model(model: ModelConfig, init_seed: int):
 def vq_fingerprint(model, tokenizer) -> str:
     """sha256 over the VQ tokenizer's weights (as float32) and the text tokenizer's vocabulary.
 
+    `model` is a Janus model or its VQ tokenizer alone.
+
     Two models give the same codes and prompt ids exactly when their fingerprints match, so a
     fine-tune can check that shards were made by its own tokenizers.
     """
     import torch
 
+    from transformers import JanusVQVAE
+
+    vq = model if isinstance(model, JanusVQVAE) else model.model.vqmodel
     digest = hashlib.sha256()
-    for name, tensor in sorted(model.model.vqmodel.state_dict().items()):
+    for name, tensor in sorted(vq.state_dict().items()):
         digest.update(f"{name}:{tuple(tensor.shape)}".encode())
         digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     digest.update(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())
@@ -340,23 +345,31 @@ class VQEncoder:
         # The model is imported here, in the actor: the driver never needs it.
         import torch
 
+        from janus_lab.model.builders import PATCH_SIZE
         from janus_lab.model.sequence import SequenceBuilder
+        from janus_lab.model.weights import load_vq_tokenizer
 
         config = ModelConfig(**model)
-        bundle = build_model(config, init_seed)
-        if bundle.image_size != config.image_size:
-            raise ValueError(f"model.image_size is {config.image_size} but the model reads "
-                             f"{bundle.image_size} px images")
-        codebook = bundle.model.model.vqmodel.quantize.embedding.weight.shape[0]
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        # Only the VQ tokenizer (0.07 B parameters) is held: the rest of a 7B model would take
+        # ~30 GB of host memory in every actor for nothing. With weights, only its tensors are
+        # read; a random-init preset is built whole (the seed fixes the VQ weights only through
+        # the full build, as fine-tuning does it) and the rest dropped.
+        if config.weights:
+            vq, processor, janus = load_vq_tokenizer(config.weights)
+            image_size = int(janus.vision_config.image_size)
+        else:
+            bundle = build_model(config, init_seed)
+            vq, processor, image_size = bundle.model.model.vqmodel, bundle.processor, bundle.image_size
+            del bundle
+        if image_size != config.image_size:
+            raise ValueError(f"model.image_size is {config.image_size} but the model reads {image_size} px images")
+        codebook = vq.quantize.embedding.weight.shape[0]
         if codebook > 2**15:
             raise ValueError(f"a codebook of {codebook} codes does not fit the int16 codes of the shard schema")
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.fingerprint = vq_fingerprint(bundle.model, bundle.processor.tokenizer)
-        self.builder = SequenceBuilder(bundle.processor.tokenizer, bundle.num_image_tokens, max_text_tokens)
-        # Only the VQ tokenizer (0.07 B parameters) is kept: the rest of a 7B model would hold
-        # ~30 GB of host memory in every actor for nothing.
-        self.vq = bundle.model.model.vqmodel.to(device=self.device, dtype=torch.float32).eval()
-        del bundle
+        self.fingerprint = vq_fingerprint(vq, processor.tokenizer)
+        self.builder = SequenceBuilder(processor.tokenizer, (image_size // PATCH_SIZE) ** 2, max_text_tokens)
+        self.vq = vq.to(device=self.device, dtype=torch.float32).eval()
 
     def _prompt_problem(self, prompt: str) -> str | None:
         from janus_lab.model.sequence import PromptTooLongError

@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import JanusForConditionalGeneration, JanusProcessor
+from transformers import JanusConfig, JanusForConditionalGeneration, JanusProcessor, JanusVQVAE
 
 from janus_lab.model.builders import PRESETS, JanusBundle, freeze_vq_tokenizer
 from janus_lab.storage import download_prefix, is_s3_uri, upload_folder
@@ -64,6 +64,39 @@ def load_pretrained(uri: str | os.PathLike, dtype: torch.dtype | None = None,
     processor = JanusProcessor.from_pretrained(folder)
     freeze_vq_tokenizer(model)
     return JanusBundle(model=model, processor=processor, preset=f"pretrained:{uri}")
+
+
+VQ_PREFIX = "model.vqmodel."
+
+
+def load_vq_tokenizer(uri: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
+                      device: str | torch.device = "cpu") -> tuple[JanusVQVAE, JanusProcessor, JanusConfig]:
+    """Loads only the VQ tokenizer of a checkpoint (float32, frozen), with its processor and config.
+
+    Reads the `model.vqmodel.*` tensors alone out of the safetensors files, so encoding images
+    costs 0.07 B parameters of memory instead of the whole model (30 GB in float32 for 7B).
+
+    Raises:
+        FileNotFoundError, PickleCheckpointError: as `resolve_checkpoint`.
+        ValueError: the checkpoint's VQ tensors do not match its config.
+    """
+    from safetensors import safe_open
+
+    folder = resolve_checkpoint(uri, cache_dir)
+    config = JanusConfig.from_pretrained(folder)
+    state = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(file, framework="pt") as weights:
+            for key in weights.keys():
+                if key.startswith(VQ_PREFIX):
+                    state[key[len(VQ_PREFIX):]] = weights.get_tensor(key).float()
+    vq = JanusVQVAE(config.vq_config)
+    missing, unexpected = vq.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{uri}: the VQ tokenizer's tensors do not match its config "
+                         f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+    vq = vq.to(device=device, dtype=torch.float32).eval().requires_grad_(False)
+    return vq, JanusProcessor.from_pretrained(folder), config
 
 
 def save_pretrained(bundle: JanusBundle, uri: str | os.PathLike) -> None:
