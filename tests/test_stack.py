@@ -103,6 +103,68 @@ def test_boto3_lists_what_was_written(local_stack: LocalStack, s3_prefix: str):
     assert body == b"b/c.txt"
 
 
+# A child process that downloads a prefix and reports how many objects it fetched itself. It
+# starts once the go file exists, so that the children's downloads overlap.
+DOWNLOADER = """
+import json, os, sys, time
+import s3fs
+from janus_lab.storage import download_prefix
+
+fetched = []
+get_file = s3fs.S3FileSystem.get_file
+def counting(self, remote, local, *args, **kwargs):
+    fetched.append(remote)
+    return get_file(self, remote, local, *args, **kwargs)
+s3fs.S3FileSystem.get_file = counting
+print("ready", flush=True)
+while not os.path.exists(sys.argv[3]):
+    time.sleep(0.005)
+print(json.dumps({"path": str(download_prefix(sys.argv[1], sys.argv[2])), "fetched": len(fetched)}))
+"""
+
+
+@pytest.mark.integration
+def test_processes_sharing_a_cache_download_a_prefix_once(local_stack: LocalStack, s3_prefix: str, tmp_path: Path):
+    import json
+    import os
+    import sys
+
+    from janus_lab.storage import upload_folder
+
+    source = tmp_path / "checkpoint"
+    files = {"config.json": b"{}", "model-00001.safetensors": os.urandom(3 << 20),
+             "model-00002.safetensors": os.urandom(3 << 20)}
+    source.mkdir()
+    for name, data in files.items():
+        (source / name).write_bytes(data)
+    upload_folder(source, s3_prefix)
+
+    def download_together(count: int) -> list[dict]:
+        go = tmp_path / f"go-{uuid.uuid4().hex}"
+        children = [subprocess.Popen([sys.executable, "-c", DOWNLOADER, s3_prefix, str(tmp_path / "cache"), str(go)],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                    for _ in range(count)]
+        assert [child.stdout.readline().strip() for child in children] == ["ready"] * count
+        go.touch()
+        outputs = [child.communicate(timeout=120) for child in children]
+        assert all(child.returncode == 0 for child in children), [err[-2000:] for _, err in outputs]
+        return [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+
+    reports = download_together(4)
+    assert len({r["path"] for r in reports}) == 1
+    assert sorted(r["fetched"] for r in reports) == [0, 0, 0, len(files)]  # one fetched, three reused it
+    folder = Path(reports[0]["path"])
+    assert {name: (folder / name).read_bytes() for name in files} == files
+
+    # A changed object changes the listing: the next users fetch the new copy, again only once.
+    files["config.json"] = b'{"changed": true}'
+    (source / "config.json").write_bytes(files["config.json"])
+    upload_folder(source, s3_prefix)
+    reports = download_together(2)
+    assert sorted(r["fetched"] for r in reports) == [0, len(files)]
+    assert (folder / "config.json").read_bytes() == files["config.json"]
+
+
 # --------------------------------------------------------------------- MLflow (integration)
 
 

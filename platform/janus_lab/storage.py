@@ -6,6 +6,7 @@ keys, region), so pointing the project at another object store is configuration,
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -62,7 +63,9 @@ def download_prefix(uri: str, cache_dir: str | os.PathLike | None = None) -> Pat
 
     The cache is reused while the remote listing (keys, sizes, ETags) is unchanged; a download
     goes to a temporary folder first and is moved into place whole, so an interrupted download
-    is never mistaken for a complete one.
+    is never mistaken for a complete one. Processes that share the cache (the encoder actors or
+    replicas of one node) take a file lock: one downloads, the others wait and reuse its copy,
+    and a folder another process may be reading is never swapped under it for the same listing.
 
     Returns:
         The local folder mirroring the prefix.
@@ -79,22 +82,30 @@ def download_prefix(uri: str, cache_dir: str | os.PathLike | None = None) -> Pat
         raise FileNotFoundError(f"no objects under {uri}")
     target = Path(cache_dir or default_cache_dir()) / "s3" / prefix
     marker = target / ".janus-download.json"
-    if marker.exists() and json.loads(marker.read_text()) == listing:
+
+    def cached() -> bool:
+        return marker.exists() and json.loads(marker.read_text()) == listing
+
+    if cached():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        for relative in listing:
-            local = staging / relative
-            local.parent.mkdir(parents=True, exist_ok=True)
-            fs.get_file(f"{prefix}/{relative}", str(local))
-        (staging / marker.name).write_text(json.dumps(listing))
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+        if cached():  # another process finished it while this one waited
+            return target
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+        try:
+            for relative in listing:
+                local = staging / relative
+                local.parent.mkdir(parents=True, exist_ok=True)
+                fs.get_file(f"{prefix}/{relative}", str(local))
+            (staging / marker.name).write_text(json.dumps(listing))
+            if target.exists():
+                shutil.rmtree(target)
+            staging.rename(target)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
     return target
 
 
