@@ -19,8 +19,8 @@ from torch.distributed.tensor import DTensor
 
 from janus_lab.data.stream import StreamSpec, micro_batches
 from janus_lab.generation import GenerationEngine, GenerationRequest
-from janus_lab.model import GenerationObjective, SequenceBuilder, debug
-from janus_lab.train.distributed import apply_activation_checkpointing, apply_fsdp, decoder_layers
+from janus_lab.model import SequenceBuilder, debug
+from janus_lab.train.distributed import decoder_layers, prepare_for_training
 from janus_lab.train.loop import build_optimizer, gradient_sync
 from synthetic_shards import write_synthetic_dataset
 
@@ -59,16 +59,10 @@ def training_batches(tmp_path, builder: SequenceBuilder, device: torch.device,
 
 
 def sharded_objective(device: torch.device, activation_checkpointing: bool = False):
-    """The training loop's set-up: debug model, text head frozen, FSDP2 per layer and at the root."""
+    """The debug model set up as every training worker sets it up (`prepare_for_training`)."""
     torch.manual_seed(0)
     bundle = debug()
-    bundle.model.lm_head.requires_grad_(False)  # as training does: image generation never reads it
-    objective = GenerationObjective(bundle.model).to(device)
-    objective.train()
-    if activation_checkpointing:
-        apply_activation_checkpointing(objective)
-    apply_fsdp(objective, device.type)
-    return bundle, objective
+    return bundle, prepare_for_training(bundle.model, device, activation_checkpointing=activation_checkpointing)
 
 
 @pytest.mark.parametrize("process_group", ["cpu", CUDA], indirect=True)
@@ -97,6 +91,7 @@ def test_fsdp_training_steps_lower_the_loss_on_their_batch(process_group, activa
     # Between steps the master weights are fp32 shards (DTensors); FSDP2 casts gathered copies
     # to bf16 for compute on CUDA only.
     trainable = [p for p in objective.parameters() if p.requires_grad]
+    assert not objective.model.lm_head.weight.requires_grad  # image generation never reads the text head
     assert all(isinstance(p, DTensor) for p in trainable)
     assert all(p.dtype == torch.float32 and p.device.type == device.type for p in trainable)
     assert set(compute_dtypes) == {torch.bfloat16 if device.type == "cuda" else torch.float32}, compute_dtypes

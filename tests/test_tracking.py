@@ -31,6 +31,11 @@ def dead_uri() -> str:
     return f"http://127.0.0.1:{port}"  # closed again: connections are refused
 
 
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return write_synthetic_dataset(tmp_path_factory.mktemp("shards"))
+
+
 @pytest.fixture
 def answering_uri():
     """A server that answers every path with 404 (as a proxy in front of MLflow might)."""
@@ -63,8 +68,7 @@ def test_any_http_answer_or_a_non_http_store_passes(answering_uri, tmp_path):
     check_tracking_server("databricks")
 
 
-def test_finetune_stops_before_any_worker(dead_uri, tmp_path):
-    dataset = write_synthetic_dataset(tmp_path / "shards")
+def test_finetune_stops_before_any_worker(dead_uri, dataset, tmp_path):
     cfg = load_config(ExperimentConfig, "jobs/configs/debug.yaml",
                       [f"data.uri={dataset}", f"train.storage_path={tmp_path / 'runs'}",
                        f"tracking.tracking_uri={dead_uri}"])
@@ -82,8 +86,7 @@ def test_promote_and_registry_uris_stop_naming_the_server(dead_uri):
         registered_version("models:/janus-4o@champion", MlflowClient(dead_uri))
 
 
-def test_sweeps_stop_before_any_trial(dead_uri, tmp_path):
-    dataset = write_synthetic_dataset(tmp_path / "shards")
+def test_sweeps_stop_before_any_trial(dead_uri, dataset, tmp_path):
     masking = load_config(MaskingAblationConfig, "sweeps/configs/debug.yaml",
                           [f"overrides.data.uri={dataset}", f"tracking.tracking_uri={dead_uri}",
                            f"run.storage_path={tmp_path / 'tune'}"])

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Literal
 
 from janus_lab.storage import is_s3_uri, s3_filesystem, strip_scheme
-from janus_lab.tracking import GIT_COMMIT_TAG, TrackingServerError, check_tracking_server, resolve_tracking_uri
+from janus_lab.tracking import GIT_COMMIT_TAG, check_tracking_server, resolve_tracking_uri
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -131,10 +131,7 @@ def promote(cfg: PromoteConfig) -> PromotionResult:
     from mlflow import MlflowClient
 
     tracking_uri = resolve_tracking_uri(cfg.tracking_uri)
-    try:
-        check_tracking_server(tracking_uri)
-    except TrackingServerError as error:
-        raise PromotionError(str(error)) from None
+    check_tracking_server(tracking_uri, error=PromotionError)
     client = MlflowClient(tracking_uri)
     run = _get_run(client, cfg.run_id, tracking_uri)
     value = _run_metric(run, cfg.metric)

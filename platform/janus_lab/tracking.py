@@ -10,7 +10,7 @@ import os
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 GIT_COMMIT_TAG = "git_commit"
 PARENT_RUN_TAG = "mlflow.parentRunId"
@@ -36,7 +36,8 @@ class TrackingServerError(ConnectionError):
     """The MLflow tracking server does not answer."""
 
 
-def check_tracking_server(uri: str, timeout_s: float = 5.0, attempts: int = 3) -> None:
+def check_tracking_server(uri: str, error: Callable[[str], Exception] = TrackingServerError,
+                          timeout_s: float = 5.0, attempts: int = 3) -> None:
     """Fails fast, naming the URI, when an HTTP tracking server does not answer.
 
     MLflow's own client retries a refused connection for about four minutes before it raises;
@@ -44,8 +45,13 @@ def check_tracking_server(uri: str, timeout_s: float = 5.0, attempts: int = 3) -
     `<uri>/health` counts as up (an authenticating proxy may answer 401); only a refused,
     unresolvable or silent address fails. Other URIs (a SQLite file, `databricks`) pass.
 
+    Args:
+        uri: the tracking URI.
+        error: makes the exception raised from the message (a job's own error type).
+
     Raises:
-        TrackingServerError: no answer after `attempts` tries, one second apart.
+        `error(message)` (TrackingServerError by default): no answer after `attempts` tries,
+        one second apart.
     """
     import time
     import urllib.error
@@ -64,7 +70,7 @@ def check_tracking_server(uri: str, timeout_s: float = 5.0, attempts: int = 3) -
             reason = str(getattr(err, "reason", err))
         if attempt + 1 < attempts:
             time.sleep(1.0)
-    raise TrackingServerError(
+    raise error(
         f"the MLflow tracking server {uri} is not reachable ({reason}); start the local stack "
         "(`make up`, then `source run/stack/env.sh`) or point tracking_uri / MLFLOW_TRACKING_URI "
         "at a running server")

@@ -120,12 +120,9 @@ def registered_version(uri: str, client=None) -> RegisteredVersion | None:
         from mlflow import MlflowClient
 
         client = MlflowClient()
-    from janus_lab.tracking import TrackingServerError, check_tracking_server
+    from janus_lab.tracking import check_tracking_server
 
-    try:
-        check_tracking_server(client.tracking_uri)
-    except TrackingServerError as err:
-        raise ModelSourceError(f"{uri}: {err}") from None
+    check_tracking_server(client.tracking_uri, error=lambda message: ModelSourceError(f"{uri}: {message}"))
     try:
         found = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
     except Exception as err:  # noqa: BLE001 - MLflow raises RestException and friends

@@ -25,7 +25,7 @@ from janus_lab.storage import is_s3_uri
 from janus_lab.sweeps.grid import cell_label, grid_cells
 from janus_lab.sweeps.runner import RUN_ID_METRIC, SweepError, SweepOutcome, SweepSpec, TrialResources
 from janus_lab.sweeps.runner import open_trial_run, reported_earlier, run_sweep
-from janus_lab.tracking import TrackingServerError, check_tracking_server, resolve_tracking_uri
+from janus_lab.tracking import check_tracking_server, resolve_tracking_uri
 
 CFG_METRICS = {"clip_t": "max", "clip_t_edit": "max", "clip_i": "max"}
 
@@ -118,10 +118,7 @@ def run_cfg_sweep(cfg: CfgSweepConfig, resume: bool = False) -> CfgSweepOutcome:
     from janus_lab.evaluation.clip import RANDOM_CLIP_NOTE, check_clip_source, is_random_clip
 
     tracking_uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
-    try:
-        check_tracking_server(tracking_uri)
-    except TrackingServerError as err:
-        raise SweepError(str(err)) from None
+    check_tracking_server(tracking_uri, error=SweepError)
     model = pin_model(cfg.model, tracking_uri)
     clip_model = cfg.clip_model if cfg.clip_model == "debug" or is_s3_uri(cfg.clip_model) \
         else os.path.abspath(cfg.clip_model)

@@ -18,7 +18,7 @@ from janus_lab.storage import is_s3_uri
 from janus_lab.sweeps.grid import cell_label, cell_slug, grid_cells
 from janus_lab.sweeps.runner import RUN_ID_METRIC, SweepError, SweepOutcome, SweepSpec, TrialResources, run_sweep
 from janus_lab.sweeps.runner import open_trial_run, reported_earlier
-from janus_lab.tracking import TrackingServerError, check_tracking_server, resolve_tracking_uri
+from janus_lab.tracking import check_tracking_server, resolve_tracking_uri
 
 
 def trial_experiments(cfg: MaskingAblationConfig, tracking_uri: str) -> dict[str, ExperimentConfig]:
@@ -72,10 +72,7 @@ def run_masking_ablation(cfg: MaskingAblationConfig, resume: bool = False) -> Sw
     from ray import tune
 
     tracking_uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
-    try:
-        check_tracking_server(tracking_uri)
-    except TrackingServerError as err:
-        raise SweepError(str(err)) from None
+    check_tracking_server(tracking_uri, error=SweepError)
     experiments = trial_experiments(cfg, tracking_uri)
     spec = SweepSpec(
         name=cfg.name, kind="masking_ablation", grid=cfg.grid, metric=cfg.metric, mode=cfg.mode,

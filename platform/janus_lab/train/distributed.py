@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from transformers import JanusForConditionalGeneration
 
 from janus_lab.model.objective import GenerationObjective
 
@@ -56,3 +57,24 @@ def apply_fsdp(objective: GenerationObjective, device_type: str, reshard_after_f
     # backward), so keeping them gathered saves one all-gather per step.
     fully_shard(objective, reshard_after_forward=False, **kwargs)
     return objective
+
+
+def prepare_for_training(model: JanusForConditionalGeneration, device: torch.device, *,
+                         freeze_vision: bool = False, activation_checkpointing: bool = False) -> FSDPModule:
+    """What every worker trains: the model's generation objective on `device`, sharded.
+
+    The text head is frozen (image generation never reads it; training it would only cost
+    optimizer memory), and so are SigLIP and its aligner with `freeze_vision`.
+
+    Returns:
+        The `GenerationObjective`, in training mode, as an `FSDPModule`.
+    """
+    model.lm_head.requires_grad_(False)
+    if freeze_vision:
+        model.model.vision_model.requires_grad_(False)
+        model.model.aligner.requires_grad_(False)
+    objective = GenerationObjective(model).to(device)
+    if activation_checkpointing:
+        apply_activation_checkpointing(objective)
+    apply_fsdp(objective, device.type)
+    return objective.train()

@@ -113,24 +113,23 @@ def run_finetune(cfg: ExperimentConfig, run: "RunLogger | None" = None, callback
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from janus_lab.tracking import (GIT_COMMIT_TAG, RunLogger, TrackingServerError, check_tracking_server,
-                                    git_commit, resolve_tracking_uri)
+    from janus_lab.tracking import (GIT_COMMIT_TAG, RunLogger, check_tracking_server, find_run, git_commit,
+                                    resolve_tracking_uri)
 
     manifest, per_epoch, total, val_rows = preflight(cfg)
     storage_path, storage_fs = _storage(cfg.train.storage_path)
-    export_uri = f"{cfg.train.storage_path.rstrip('/')}/{cfg.name}/export"
+    run_dir = f"{cfg.train.storage_path.rstrip('/')}/{cfg.name}"
+    export_uri = f"{run_dir}/export"
 
     tracking_uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
-    try:
-        check_tracking_server(tracking_uri)
-    except TrackingServerError as error:
-        raise PreflightError(str(error)) from None
-    run_dir = f"{cfg.train.storage_path.rstrip('/')}/{cfg.name}"
+    check_tracking_server(tracking_uri, error=PreflightError)
     tags = {GIT_COMMIT_TAG: git_commit(), "dataset_uri": cfg.data.uri,
             "dataset_fingerprint": str(manifest.get("model", {}).get("fingerprint", "unknown")),
             "ray_train_run": cfg.name, RUN_DIR_TAG: run_dir}
     config_file = "config/resolved.yaml"
-    previous = _previous_run(cfg, tracking_uri, run_dir, storage_path, storage_fs) if run is None else None
+    previous = None
+    if run is None and _has_checkpoints(f"{storage_path.rstrip('/')}/{cfg.name}", storage_fs):
+        previous = find_run(tracking_uri, cfg.tracking.experiment, {RUN_DIR_TAG: run_dir})
     if previous is not None:
         # A job submitted again after a failure: Ray Train resumes from the run's checkpoints,
         # so the metrics go on in the run that logged the steps before them.
@@ -198,11 +197,8 @@ def forwarded_env() -> dict[str, str]:
     return {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
 
 
-def _previous_run(cfg: ExperimentConfig, tracking_uri: str, run_dir: str, storage_path: str, storage_fs):
-    """The MLflow run of an earlier submission of this run, when it left checkpoints to resume."""
-    from janus_lab.tracking import find_run
-
-    folder = f"{storage_path.rstrip('/')}/{cfg.name}"
+def _has_checkpoints(folder: str, storage_fs) -> bool:
+    """Whether a run folder (in Ray Train's storage form, see `_storage`) holds checkpoints to resume."""
     if storage_fs is None:
         names = os.listdir(folder) if os.path.isdir(folder) else []
     else:
@@ -210,9 +206,7 @@ def _previous_run(cfg: ExperimentConfig, tracking_uri: str, run_dir: str, storag
 
         found = storage_fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
         names = [info.base_name for info in found]
-    if not any(name.startswith("checkpoint_") for name in names):
-        return None
-    return find_run(tracking_uri, cfg.tracking.experiment, {RUN_DIR_TAG: run_dir})
+    return any(name.startswith("checkpoint_") for name in names)
 
 
 def _storage(path: str):

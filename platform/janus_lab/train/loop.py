@@ -17,11 +17,10 @@ import torch.distributed as dist
 
 from janus_lab.config import ExperimentConfig, from_dict
 from janus_lab.data.stream import StreamSpec, micro_batches
-from janus_lab.model import GenerationObjective
 from janus_lab.model.builders import JanusBundle
 from janus_lab.model.weights import build_bundle
 from janus_lab.model.sequence import SequenceBuilder
-from janus_lab.train.distributed import apply_activation_checkpointing, apply_fsdp
+from janus_lab.train.distributed import prepare_for_training
 from janus_lab.train.schedule import build_scheduler
 from janus_lab.train.state import TrainState, data_geometry
 
@@ -98,16 +97,9 @@ def train_loop_per_worker(plan_dict: dict) -> None:
     torch.manual_seed(cfg.train.seed)
 
     bundle = build_bundle(cfg.model, init_seed=cfg.train.seed)
-    # Image generation never reads the text head; training it would only cost optimizer memory.
-    bundle.model.lm_head.requires_grad_(False)
-    if cfg.model.freeze_vision:
-        bundle.model.model.vision_model.requires_grad_(False)
-        bundle.model.model.aligner.requires_grad_(False)
-    objective = GenerationObjective(bundle.model).to(device)
+    objective = prepare_for_training(bundle.model, device, freeze_vision=cfg.model.freeze_vision,
+                                     activation_checkpointing=cfg.train.activation_checkpointing)
     num_params = trainable_parameters(objective)
-    if cfg.train.activation_checkpointing:
-        apply_activation_checkpointing(objective)
-    apply_fsdp(objective, device.type)
     optimizer = build_optimizer(objective, cfg.train.lr, cfg.train.weight_decay)
     scheduler = build_scheduler(optimizer, plan.total_steps, cfg.train.warmup_ratio, cfg.train.min_lr_ratio)
     state = TrainState(objective, optimizer, scheduler, rank)
@@ -129,7 +121,6 @@ def train_loop_per_worker(plan_dict: dict) -> None:
     accumulation = cfg.train.gradient_accumulation_steps
     peak = _peak_flops(device)
     window = _Window()
-    objective.train()
 
     # The validation split is small and read at every evaluation: read it once.
     val_rows = list(ray.train.get_dataset_shard("val").iter_rows()) if plan.val_rows else []
