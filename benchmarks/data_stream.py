@@ -9,12 +9,11 @@ no MLflow, no Ray head) and a local Ray cluster (`ray.init(address="local", num_
 the sample dataset (ShareGPT-4o-Image layout: JSON + `*_part_N.tar`), ingests it to `s3://` with
 `run_ingest` (not timed), and then times, over the same micro-batch size:
 
-- **stream** (ours): `epoch_dataset` (Ray Data reads the Parquet shards from S3, keeps the train
-  split, shuffles) -> `micro_batches` (tokenise, mask, length-group, decode the stored SigLIP
-  input PNGs, collate) -> a consumer, for `--epochs` epochs. Every epoch starts a new Ray Data
-  execution; "end to end" includes that start-up, "after each first row" leaves out each
-  epoch's wait for its first row (a fixed cost per epoch, which a real epoch of ~10^5 rows
-  amortises; this dataset has tens of rows).
+- **stream** (ours): the layout scanned once (`scan_layout`, footers), then per epoch `read_part`
+  (pyarrow reads the epoch's train row groups from S3 a shuffle window at a time, the next one
+  prefetched) -> `micro_batches` (tokenise, mask, length-group, decode the stored SigLIP input
+  PNGs, collate) -> a consumer, for `--epochs` epochs, as one worker (W = 1) reads it. "end to
+  end" includes each epoch's wait for its first window, "after each first row" leaves it out.
 - **naive** (the published `train_janus.py`): per sample, open the PNGs from the extracted source
   folder, RGB, resize to the model's side, VQ-encode the output and input images with the same
   frozen tokenizer the ingest used, tokenise and mask, collate. The published script encodes in
@@ -223,21 +222,24 @@ class TimedIterator:
 
 
 def run_stream(uri: str, bundle, args: argparse.Namespace) -> dict:
-    """Ours: Ray Data from the shards -> `micro_batches` -> consumer, for `args.epochs` epochs."""
-    from janus_lab.data.stream import StreamSpec, epoch_dataset, micro_batches
+    """Ours: the epoch's row groups from S3 -> `micro_batches` -> consumer, for `args.epochs` epochs."""
+    from janus_lab.data.stream import StreamSpec, epoch_part, micro_batches, read_part, scan_layout
     from janus_lab.model import SequenceBuilder
 
     builder = SequenceBuilder(bundle.processor.tokenizer, bundle.num_image_tokens)
     consumer = Consumer()
     total = startup = waited = 0.0
+    scanned = time.perf_counter()
+    layout = scan_layout(uri)
+    log(f"layout: {len(layout.row_groups)} row groups scanned in {time.perf_counter() - scanned:.2f} s (once a run)")
     per_epoch = []
     for epoch in range(args.epochs):
         spec = StreamSpec(epoch=epoch, rank=0, world_size=1, micro_batch_size=args.micro_batch,
                           masking_seed=args.seed, t2i_text_drop=0.1, ti2i_image_drop=0.5)
         before = consumer.samples
         started = time.perf_counter()
-        # Building the Dataset is part of the epoch: `read_parquet` samples a shard for the schema.
-        rows = TimedIterator(epoch_dataset(uri, "train", epoch, args.seed).iter_rows(), started)
+        part = epoch_part(layout, args.seed, epoch, rank=0, world_size=1)
+        rows = TimedIterator(read_part(layout, part, args.seed, epoch, spec.shuffle_window_rows), started)
         for batch in micro_batches(rows, builder, spec):
             consumer(batch)
         seconds = time.perf_counter() - started
@@ -246,9 +248,9 @@ def run_stream(uri: str, bundle, args: argparse.Namespace) -> dict:
         done = consumer.samples - before
         per_epoch.append((done, seconds))
         log(f"stream epoch {epoch + 1}/{args.epochs}: {done} samples in {seconds:.2f} s ({done / seconds:.1f}/s); "
-            f"first row after {first:.2f} s, {rows.waited:.2f} s waiting on Ray Data in all")
+            f"first row after {first:.2f} s, {rows.waited:.2f} s waiting on reads in all")
     return {"samples": consumer.samples, "tokens": consumer.tokens, "seconds": total, "startup": startup,
-            "ray_wait": waited, "per_epoch": per_epoch}
+            "read_wait": waited, "per_epoch": per_epoch}
 
 
 def run_naive(folder: Path, items: list[dict], bundle, args: argparse.Namespace) -> dict:
@@ -300,14 +302,13 @@ def run_naive(folder: Path, items: list[dict], bundle, args: argparse.Namespace)
 
 def report(stream: dict, naive: dict, stored: dict, raw: float, side: int, args: argparse.Namespace) -> None:
     naive_rate = naive["samples"] / naive["seconds"]
-    v2 = os.environ.get("RAY_DATA_USE_DATASOURCE_V2", "1 (default)")
     print()
     print(f"data path: debug VQ tokenizer, {side} px, micro-batch {args.micro_batch}, {args.epochs} epochs streamed, "
-          f"RAY_DATA_USE_DATASOURCE_V2={v2}, load average {os.getloadavg()[0]:.1f} at the end")
+          f"load average {os.getloadavg()[0]:.1f} at the end")
     print(f"{'path':44s} {'samples':>8s} {'seconds':>9s} {'samples/s':>10s}")
     warm = stream["per_epoch"][1:]
     rows = [("stream from S3, end to end, all epochs", stream["samples"], stream["seconds"])]
-    if warm:  # the first epoch also starts Ray's worker processes (they import torch and transformers)
+    if warm:  # the first epoch also pays first-use costs (S3 connections, lazy imports)
         rows.append(("stream from S3, end to end, epochs 2+", sum(n for n, _ in warm), sum(t for _, t in warm)))
     # Rows of a small epoch arrive in one burst: this row is the consumer-side cost of rows in hand.
     rows.append(("stream from S3, after each epoch's first row", stream["samples"],
@@ -320,9 +321,9 @@ def report(stream: dict, naive: dict, stored: dict, raw: float, side: int, args:
         ratio = samples / seconds / naive_rate
         print(f"{'ours / baseline, ' + name.split(', ', 1)[1]:44s} {'':8s} {'':9s} {ratio:9.1f}x")
     print()
-    print(f"stream time: {stream['startup']:.2f} s until the first row of each epoch (Ray Data start-up), "
-          f"{stream['ray_wait']:.2f} s waiting on Ray Data rows in all, "
-          f"{stream['seconds'] - stream['ray_wait']:.2f} s tokenising, decoding input PNGs, collating")
+    print(f"stream time: {stream['startup']:.2f} s until the first row of each epoch (first window read), "
+          f"{stream['read_wait']:.2f} s waiting on reads in all, "
+          f"{stream['seconds'] - stream['read_wait']:.2f} s tokenising, decoding input PNGs, collating")
     print(f"naive time: {naive['decode']:.2f} s PNG open + RGB + resize, {naive['vq']:.2f} s VQ encode, "
           f"{naive['tokenise']:.2f} s tokenise + collate")
     total = stored["total"]

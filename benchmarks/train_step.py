@@ -177,6 +177,7 @@ def build(args: argparse.Namespace, device: torch.device):
     """The model (fp32 parameters), its objective and AdamW, as the training loop sets them up."""
     from janus_lab.model import PRESETS, GenerationObjective
     from janus_lab.train.distributed import apply_activation_checkpointing
+    from janus_lab.config import TrainConfig
     from janus_lab.train.loop import build_optimizer
 
     torch.manual_seed(args.seed)
@@ -193,7 +194,7 @@ def build(args: argparse.Namespace, device: torch.device):
     if args.activation_checkpointing:
         apply_activation_checkpointing(objective)
     objective.train()
-    optimizer = build_optimizer(objective, lr=5e-6, weight_decay=0.1)
+    optimizer = build_optimizer(objective, TrainConfig(lr=5e-6, weight_decay=0.1))
     return bundle, objective, optimizer
 
 

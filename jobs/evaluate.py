@@ -10,7 +10,8 @@ Settings are `KEY=VALUE`; `--help` lists them. `settings=best_settings.yaml` gen
 CFG sweep's winner. Output: `<output_dir>/scores.json` (also printed) and, per benchmark given,
 `geneval/`, `dpg_bench/`, `imgedit/` in the layout the benchmark's official scoring reads (its
 prompt files are inputs; they are not shipped). With `clip_model=debug` the CLIP scores come
-from a random test CLIP and say so.
+from a random test CLIP and say so. A held-out row or prompt over `max_text_tokens` (or with an
+unreadable input image) is refused alone, listed under `refused` in scores.json; the rest is scored.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(summary.scores, indent=2))
     for name, folder in summary.exports.items():
         print(f"{name} images: {folder}")
+    for part, items in summary.refused.items():
+        print(f"{part}: refused {len(items)} (reasons under `refused` in {summary.scores_file})")
     print(f"scores written to {summary.scores_file}")
     return 0
 

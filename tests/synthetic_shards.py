@@ -32,8 +32,13 @@ def _png(side: int, colour: int) -> bytes:
 
 def write_synthetic_dataset(root: str | Path, num_t2i: int = 24, num_ti2i: int = 16, num_val: int = 8,
                             num_image_tokens: int = 16, image_side: int = 64, rows_per_shard: int = 16,
-                            seed: int = 0) -> Path:
-    """Writes shards + `_manifest.json` under `root`; returns `root`."""
+                            rows_per_row_group: int | None = None, seed: int = 0) -> Path:
+    """Writes shards + `_manifest.json` under `root`; returns `root`.
+
+    Rows go in source order, as two source files one after the other: the T2I rows (source
+    `synthetic:text_to_image`), the TI2I rows (`synthetic:text_and_image_to_image`), then the
+    validation rows. Row groups hold `rows_per_row_group` rows (default: a whole shard).
+    """
     rng = np.random.default_rng(seed)
     patterns = rng.integers(0, 16384, size=(len(COLOURS), num_image_tokens))
     rows = []
@@ -42,7 +47,8 @@ def write_synthetic_dataset(root: str | Path, num_t2i: int = 24, num_ti2i: int =
         task = "ti2i" if num_t2i <= index < num_t2i + num_ti2i or (index >= num_t2i + num_ti2i and index % 2) else "t2i"
         split = "val" if index >= num_t2i + num_ti2i else "train"
         colour = int(rng.integers(len(COLOURS)))
-        row = {"id": f"sample-{index:04d}", "task": task, "source": "synthetic", "split": split,
+        source = "synthetic:text_to_image" if task == "t2i" else "synthetic:text_and_image_to_image"
+        row = {"id": f"sample-{index:04d}", "task": task, "source": source, "split": split,
                "output_codes": patterns[colour].astype(np.int16).tolist(), "input_codes": [], "input_pixels": []}
         if task == "t2i":
             row["prompt"] = f"a {COLOURS[colour]} square"
@@ -59,7 +65,7 @@ def write_synthetic_dataset(root: str | Path, num_t2i: int = 24, num_ti2i: int =
     for number, start in enumerate(range(0, total, rows_per_shard)):
         name = f"shard-{number:05d}.parquet"
         pq.write_table(pa.Table.from_pylist(rows[start:start + rows_per_shard], schema=SCHEMA), root / name,
-                       compression="zstd")
+                       compression="zstd", row_group_size=rows_per_row_group or rows_per_shard)
         shards.append(name)
     counts: dict = {}
     for row in rows:

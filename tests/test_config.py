@@ -111,6 +111,66 @@ def test_recipe_yaml_is_the_published_recipe():
     assert (cfg.masking.t2i_text_drop, cfg.masking.ti2i_image_drop) == (0.1, 0.5)
 
 
+def _optimizer_groups(train: TrainConfig):
+    """AdamW as the training loop builds it for the debug model, and its groups by parameter name."""
+    from janus_lab.model import GenerationObjective, debug
+    from janus_lab.train.loop import build_optimizer
+
+    objective = GenerationObjective(debug().model)
+    optimizer = build_optimizer(objective, train)
+    names = {id(p): name for name, p in objective.named_parameters()}
+    decayed, exempt = optimizer.param_groups
+    return objective, optimizer, {names[id(p)] for p in decayed["params"]}, {names[id(p)] for p in exempt["params"]}
+
+
+def test_recipe_optimizer_is_the_published_optimizer():
+    # FreedomIntelligence/ShareGPT-4o-Image train/train_janus.py: AdamW(groups, lr=5e-6), torch's
+    # betas and eps; weight decay 0.1 except on names containing "bias" or "LayerNorm.weight";
+    # linear warmup over 5% of the steps, then cosine to 15% of the peak.
+    from janus_lab.model.convert import convert_state_dict_to_deepseek
+    from janus_lab.train.schedule import build_scheduler
+
+    train = load_config(ExperimentConfig, RECIPE_YAML).train
+    objective, optimizer, decayed, exempt = _optimizer_groups(train)
+    adamw = optimizer.defaults
+    assert (adamw["lr"], adamw["betas"], adamw["eps"]) == (5e-6, (0.9, 0.999), 1e-8)
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.1, 0.0]
+    # The script filtered the names of DeepSeek's layout: "LayerNorm.weight" names nothing there,
+    # and "bias" names exactly the biases. So it decayed everything else, norm weights included.
+    deepseek_names = convert_state_dict_to_deepseek(objective.model.state_dict())
+    assert not [n for n in deepseek_names if "LayerNorm.weight" in n]
+    assert all(n.endswith(".bias") for n in deepseek_names if "bias" in n)
+    trainable = {n for n, p in objective.named_parameters() if p.requires_grad}
+    assert exempt == {n for n in trainable if n.endswith(".bias")}
+    assert decayed == trainable - exempt
+    assert {"model.model.language_model.layers.0.input_layernorm.weight", "model.model.language_model.norm.weight",
+            "model.model.vision_model.encoder.layers.0.layer_norm1.weight",
+            "model.model.language_model.embed_tokens.weight", "model.model.generation_embeddings.weight"} <= decayed
+    scheduler = build_scheduler(optimizer, 100, train.warmup_ratio, train.min_lr_ratio)
+    lrs = []
+    for _ in range(100):
+        lrs.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert max(lrs) == pytest.approx(5e-6) and lrs.index(max(lrs)) == 4  # warmup: 5 of 100 steps
+    assert scheduler.get_last_lr()[0] == pytest.approx(0.15 * 5e-6)  # the floor
+
+
+def test_default_optimizer_exempts_biases_and_norm_weights():
+    objective, optimizer, decayed, exempt = _optimizer_groups(TrainConfig())
+    assert optimizer.defaults["betas"] == (0.9, 0.95)
+    modules = dict(objective.named_modules())
+    norms = {n for n in decayed | exempt if n.endswith(".weight")
+             and "Norm" in type(modules[n.removesuffix(".weight")]).__name__}
+    assert norms and exempt == {n for n in decayed | exempt if n.endswith(".bias")} | norms
+    assert all(objective.get_parameter(n).ndim >= 2 for n in decayed)
+    assert load_config(ExperimentConfig, None, ["train.betas=[0.9,0.999]"]).train.betas == (0.9, 0.999)
+    with pytest.raises(ConfigError, match=r"^train.betas must be two numbers in \[0, 1\)"):
+        load_config(ExperimentConfig, None, ["train.betas=[0.9,1.0]"])
+    with pytest.raises(ConfigError, match="weight_decay_exempt"):
+        load_config(ExperimentConfig, None, ["train.weight_decay_exempt=norms"])
+
+
 def test_yaml_headers_carry_the_launch_command():
     for path in (DEBUG_YAML, RECIPE_YAML):
         header = path.read_text().split("\n\n")[0]
@@ -151,7 +211,7 @@ def test_describe_lists_every_key_with_type_default_and_doc():
     lr = rows["train.lr"]
     assert (lr.type, lr.default, lr.is_section) == ("float", 5e-6, False)
     assert "learning rate" in lr.doc
-    assert rows["model.preset"].type == "{debug,janus-pro-1b,janus-pro-7b}"
+    assert rows["model.preset"].type == "{debug,mini,mini-init,janus-pro-1b,janus-pro-7b}"
     assert rows["train.max_steps"].type == "int | None"
     leaves = [key for key, row in rows.items() if not row.is_section]
     assert leaves == list(flatten(ExperimentConfig()))
@@ -274,7 +334,7 @@ def test_literal_lists_the_allowed_values():
     with pytest.raises(ConfigError) as err:
         load_config(ExperimentConfig, None, ["model.preset=janus-pro-13b"])
     assert str(err.value) == (
-        "model.preset: expected one of 'debug', 'janus-pro-1b', 'janus-pro-7b', "
+        "model.preset: expected one of 'debug', 'mini', 'mini-init', 'janus-pro-1b', 'janus-pro-7b', "
         "got str 'janus-pro-13b' (in override 'model.preset=janus-pro-13b')")
 
 
@@ -372,6 +432,36 @@ def test_checks_also_run_on_direct_construction_and_replace():
         ModelConfig(preset="janus-pro-7b")
     with pytest.raises(ValueError, match="t2i_text_drop"):
         dataclasses.replace(ExperimentConfig().masking, t2i_text_drop=2.0)
+
+
+def test_validation_split_is_held_out_by_fraction_or_by_count():
+    from janus_lab.config import IngestConfig
+
+    ingest_yaml = REPO / "jobs" / "configs" / "ingest_sample.yaml"
+    split = load_config(IngestConfig, None).split
+    assert (split.fraction, split.val_count) == (0.1, None)  # nothing set: 10% by fraction
+    assert load_config(IngestConfig, ingest_yaml, ["split.val_fraction=0"]).split.fraction == 0.0  # no val split
+    by_count = load_config(IngestConfig, ingest_yaml, ["split.val_fraction=null", "split.val_count=1000"]).split
+    assert (by_count.fraction, by_count.val_count) == (None, 1000)
+    with pytest.raises(ConfigError, match=r"^split.val_fraction \(0.1\) and val_count \(1000\) both .* other to null"):
+        load_config(IngestConfig, ingest_yaml, ["split.val_count=1000"])
+    with pytest.raises(ConfigError, match=r"^split.val_count must be >= 0"):
+        load_config(IngestConfig, None, ["split.val_count=-1"])
+
+
+@pytest.mark.parametrize("cls, key", [("IngestConfig", "limits.max_text_tokens"),
+                                      ("ExperimentConfig", "data.max_text_tokens"),
+                                      ("EvaluateConfig", "max_text_tokens")])
+def test_every_job_takes_its_prompt_cap_from_its_config(cls, key):
+    from janus_lab.evaluation.evaluate import EvaluateConfig
+
+    classes = {"IngestConfig": config.IngestConfig, "ExperimentConfig": ExperimentConfig,
+               "EvaluateConfig": EvaluateConfig}
+    required = ["model=debug", "data_uri=d"] if cls == "EvaluateConfig" else []
+    loaded = load_config(classes[cls], None, [*required, f"{key}=512"])
+    assert flatten(loaded)[key] == 512
+    with pytest.raises(ConfigError, match=f"^{re.escape(key)} must be"):
+        load_config(classes[cls], None, [*required, f"{key}=0"])
 
 
 def test_gradient_accumulation_steps():

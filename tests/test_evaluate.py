@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -83,6 +84,42 @@ def test_evaluate_job_scores_and_exports_every_benchmark_layout(tmp_path):
         assert grid.size == (128, 128)
     # ImgEdit basic: <key>.png
     assert sorted(p.name for p in (out / "imgedit").iterdir()) == ["1082.png", "97.png"]
+
+
+def test_a_prompt_over_the_limit_is_refused_alone_and_the_rest_evaluated(tmp_path):
+    import pyarrow.parquet as pq
+
+    long_prompt = "a red circle next to a blue square " * 40  # about 400 tokens of the debug tokenizer
+    dataset = write_synthetic_dataset(tmp_path / "shards")
+    shard = sorted(dataset.glob("shard-*.parquet"))[-1]
+    table = pq.read_table(shard)
+    rows = table.to_pylist()
+    long_row = next(row for row in rows if row["split"] == "val")
+    long_row["prompt"] = long_prompt
+    pq.write_table(table.from_pylist(rows, schema=table.schema), shard)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(line) + "\n" for line in [
+        {"prompt": "a red square"}, {"prompt": long_prompt},
+        {"prompt": "remove the square", "input_images": [str(EDIT_INPUT)]}]))
+    geneval = tmp_path / "evaluation_metadata.jsonl"
+    geneval.write_text(json.dumps({"tag": "colors", "prompt": long_prompt}) + "\n"
+                       + json.dumps({"tag": "colors", "prompt": "a red square"}) + "\n")
+    out = tmp_path / "eval"
+    rc, stdout, stderr = evaluate_job("model=debug", f"data_uri={dataset}", f"prompts={prompts}", "clip_model=debug",
+                                      f"geneval={geneval}", "parallel_size=1", "geneval_images=1",
+                                      "max_text_tokens=256", f"output_dir={out}")
+    assert rc == 0, stderr
+    scores = json.loads((out / "scores.json").read_text())
+    refused = scores["refused"]
+    assert set(refused) == {"heldout", "prompts", "geneval"}
+    too_long = r"prompt has \d+ tokens, more than the limit of 256"
+    assert list(refused["heldout"]) == [long_row["id"]] and re.fullmatch(too_long, refused["heldout"][long_row["id"]])
+    assert list(refused["prompts"]) == ["1"] and re.fullmatch(r"requests\[1\]\.prompt: " + too_long,
+                                                              refused["prompts"]["1"])
+    assert list(refused["geneval"]) == ["00000"] and re.search(too_long, refused["geneval"]["00000"])
+    assert {"val_nll", "clip_t", "clip_t_edit", "clip_i"} <= set(scores["scores"])  # the others were scored
+    assert sorted(p.name for p in (out / "geneval").iterdir()) == ["00001"]
+    assert "prompts: refused 1" in stdout and "heldout: refused 1" in stdout
 
 
 def test_evaluation_generates_with_a_sweeps_best_settings(tmp_path):

@@ -178,6 +178,27 @@ def test_preflight_refuses_a_dataset_encoded_by_another_random_vq(dataset, tmp_p
         preflight(cfg)
 
 
+def test_preflight_refuses_a_prompt_cap_below_the_datasets(dataset, tmp_path):
+    import json
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(dataset, copy)
+    manifest = json.loads((copy / "_manifest.json").read_text())
+    manifest["limits"] = {"max_text_tokens": {"limit": 512, "rejected": 0}}
+    (copy / "_manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(PreflightError, match="prompts of up to 512 tokens .* set data.max_text_tokens=512"):
+        preflight(load_config(ExperimentConfig, "jobs/configs/debug.yaml", [f"data.uri={copy}"]))
+    preflight(load_config(ExperimentConfig, "jobs/configs/debug.yaml",
+                          [f"data.uri={copy}", "data.max_text_tokens=512"]))
+
+
+def test_a_dataset_without_a_val_split_plans_no_validation(tmp_path):
+    no_val = write_synthetic_dataset(tmp_path / "no-val", num_val=0)  # ingested with split.val_fraction=0
+    *_, val_rows = preflight(load_config(ExperimentConfig, "jobs/configs/debug.yaml", [f"data.uri={no_val}"]))
+    assert val_rows == 0  # the loop then never validates (LoopPlan.val_rows)
+
+
 def test_a_failed_job_submitted_again_resumes_into_its_mlflow_run(uninterrupted, dataset, tmp_path):
     """The job fails (a worker killed after the step-3 checkpoint, no restarts allowed); the same
     job submitted again resumes from that checkpoint and logs into the first submission's run."""

@@ -252,6 +252,46 @@ def test_generate_in_batches_splits_without_changing_results(engine, batched):
         assert torch.equal(out[index].codes, batched[name].codes), name
 
 
+def test_generate_in_batches_can_refuse_a_bad_request_alone(engine, batched):
+    names = ["t2i-greedy", "ti2i-1-sampled"]
+    requests = [BATCH[names[0]], GenerationRequest("a red circle " * 200, seed=1), BATCH[names[1]]]
+    with pytest.raises(GenerationRequestError, match="more than the limit"):
+        engine.generate_in_batches(requests)  # by default one bad request refuses the whole run
+    refused = {}
+    out = dict(engine.generate_in_batches(requests, max_images=2, decode_images=False, on_refused=refused.__setitem__))
+    assert sorted(out) == [0, 2] and list(refused) == [1]
+    assert refused[1].field == "requests[1].prompt" and "more than the limit of 256" in str(refused[1])
+    for index, name in ((0, names[0]), (2, names[1])):
+        assert torch.equal(out[index].codes, batched[name].codes), name
+    with pytest.raises(GenerationRequestError, match="is empty"):
+        engine.generate_in_batches([], on_refused=refused.__setitem__)
+
+
+def test_input_images_are_letterboxed_for_the_vq_encoder_and_siglip(monkeypatch, engine):
+    """An upload of any shape reaches both image paths as Janus's processor would square it."""
+    import janus_lab.generation.engine as engine_module
+    from janus_lab.data.images import letterbox
+    from janus_lab.model.vq import pixels_to_tensor
+
+    seen = {}
+
+    def spy(name, function):
+        def wrapper(model, *args):
+            seen[name] = args[-1]
+            return function(model, *args)
+        monkeypatch.setattr(engine_module, name, wrapper)
+
+    spy("encode_vq_codes", engine_module.encode_vq_codes)
+    spy("embed_inputs", engine_module.embed_inputs)
+    wide = picture(7, (100, 60))
+    engine.build_cfg_batch(engine.validate([GenerationRequest("make it blue", input_images=[png_bytes(wide)])]))
+    expected = pixels_to_tensor(np.asarray(letterbox(wide, 64)))
+    assert torch.equal(seen["encode_vq_codes"][0], expected)
+    assert all(torch.equal(p, expected) for p in seen["embed_inputs"])  # SigLIP of the full and part rows
+    grey = (127 / 255 - 0.5) / 0.5
+    assert torch.allclose(expected[:, :13], torch.full_like(expected[:, :13], grey))  # 64 x 38 between bars
+
+
 # --------------------------------------------------------------------------- sampling pieces
 
 

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+from janus_lab.config import TrainConfig
 from janus_lab.data.stream import StreamSpec, micro_batches
 from janus_lab.generation import GenerationEngine, GenerationRequest
 from janus_lab.model import SequenceBuilder, debug
@@ -70,7 +71,7 @@ def sharded_objective(device: torch.device, activation_checkpointing: bool = Fal
 def test_fsdp_training_steps_lower_the_loss_on_their_batch(process_group, activation_checkpointing, tmp_path):
     device = process_group
     bundle, objective = sharded_objective(device, activation_checkpointing)
-    optimizer = build_optimizer(objective, lr=3e-3, weight_decay=0.0)
+    optimizer = build_optimizer(objective, TrainConfig(lr=3e-3, weight_decay=0.0))
     [batch] = training_batches(tmp_path, SequenceBuilder(bundle.processor.tokenizer, bundle.num_image_tokens, 64),
                                device)
 

@@ -37,7 +37,7 @@ from janus_lab.data import (
     split_of,
     write_sample_dataset,
 )
-from janus_lab.data.images import ImageRejected, decode_png_pixels, encode_png, prepare_image
+from janus_lab.data.images import ImageRejected, decode_png_pixels, encode_png, letterbox, prepare_image
 from janus_lab.data.ingest import (
     ENCODED_SCHEMA,
     PREPARED_SCHEMA,
@@ -48,7 +48,7 @@ from janus_lab.data.ingest import (
     write_shard,
 )
 from janus_lab.data.sample import sample_records, write_tar
-from janus_lab.data.schema import REJECT_CATEGORIES
+from janus_lab.data.schema import REJECT_CATEGORIES, assign_splits
 from janus_lab.data.sources import (
     ImageReader,
     PathEscapeError,
@@ -311,7 +311,7 @@ def test_every_mode_becomes_rgb(mode):
     fmt = "JPEG" if mode == "CMYK" else ("TIFF" if mode == "F" else "PNG")
     image = prepare_image(png_bytes(scene("white", mode=mode), fmt), max_pixels=10**8, side=64)
     assert image.mode == "RGB" and image.size == (64, 64)
-    assert image.getpixel((2, 2))[0] > 200  # the white corner stays light
+    assert image.getpixel((2, 32))[0] > 200  # white stays light (mid-height: the top and bottom rows are bars)
 
 
 def test_transparency_is_composited_on_white():
@@ -321,7 +321,7 @@ def test_transparency_is_composited_on_white():
     assert rgb.getpixel((5, 5)) == (255, 255, 255) and rgb.getpixel((0, 0)) == (255, 0, 0)
     palette = scene("green", mode="P")
     palette.info["transparency"] = palette.getpixel((0, 0))
-    assert prepare_image(png_bytes(palette), 10**8, 96).getpixel((0, 0)) == (255, 255, 255)
+    assert prepare_image(png_bytes(palette), 10**8, 96).getpixel((0, 48)) == (255, 255, 255)  # 96 x 80: bars at top
 
 
 def test_sixteen_bit_grey_keeps_its_range():
@@ -338,6 +338,60 @@ def test_prepared_pixels_are_what_image_to_tensor_feeds_the_model():
     prepared = prepare_image(png_bytes(original), 10**8, 64)
     stored = decode_png_pixels(encode_png(prepared, compress_level=1))
     assert np.array_equal(pixels_to_tensor(stored).numpy(), image_to_tensor(original, 64).numpy())
+
+
+def janus_square(image: Image.Image, side: int) -> np.ndarray:
+    """DeepSeek Janus's `VLMImageProcessor.resize`, written out from its published description.
+
+    (w, h) -> long side `side`, other side int(x / max(w, h) * side) but >= 14, bicubic; then
+    `expand2square`: a square of the mean grey int(0.5 * 255) = 127, the image pasted at
+    (0, (W - H) // 2) when wider than tall, at ((H - W) // 2, 0) when taller.
+    """
+    width, height = image.size
+    longest = max(width, height)
+    new_height = max(int(height / longest * side), 14)
+    new_width = max(int(width / longest * side), 14)
+    resized = np.asarray(image.resize((new_width, new_height), resample=Image.BICUBIC))
+    if new_width == new_height:
+        return resized
+    square = np.full((max(new_width, new_height),) * 2 + (3,), 127, dtype=np.uint8)
+    if new_width > new_height:
+        top = (new_width - new_height) // 2
+        square[top:top + new_height, :] = resized
+    else:
+        left = (new_height - new_width) // 2
+        square[:, left:left + new_width] = resized
+    return square
+
+
+@pytest.mark.parametrize("size, side", [((100, 60), 64), ((60, 100), 64), ((1536, 1024), 64), ((1024, 1536), 384),
+                                        ((320, 256), 64), ((7, 300), 64), ((80, 80), 64)])
+def test_letterbox_is_janus_resize_and_pad(size, side):
+    rng = np.random.default_rng(sum(size))
+    image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))  # every pixel distinct
+    boxed = letterbox(image, side)
+    assert boxed.mode == "RGB" and boxed.size == (side, side)
+    assert np.array_equal(np.asarray(boxed), janus_square(image, side))
+
+
+def test_letterbox_keeps_the_aspect_ratio_between_grey_bars():
+    wide = Image.new("RGB", (100, 60), (200, 30, 30))
+    wide.paste((30, 30, 200), (0, 0, 50, 60))  # left half blue, right half red
+    pixels = np.asarray(letterbox(wide, 64)).astype(int)
+    band = int(60 / 100 * 64)  # 38 rows of picture, 13 grey rows above, 13 below
+    top = (64 - band) // 2
+    assert (pixels[:top] == 127).all() and (pixels[top + band:] == 127).all()
+    assert (pixels[top:top + band, :30] == (30, 30, 200)).all() and (pixels[top:top + band, 34:] == (200, 30, 30)).all()
+    tall = np.asarray(letterbox(wide.transpose(Image.Transpose.ROTATE_90), 64)).astype(int)
+    assert (tall[:, :top] == 127).all() and (tall[:, top + band:] == 127).all()  # bars left and right
+    assert letterbox(Image.new("RGB", (64, 64), "red"), 64).getpixel((0, 0)) == (255, 0, 0)  # square: no bars
+
+
+def test_letterbox_grey_is_janus_image_mean():
+    from janus_lab.data.images import LETTERBOX_GREY
+    from janus_lab.model.tokenizer import IMAGE_MEAN
+
+    assert LETTERBOX_GREY == tuple(int(m * 255) for m in IMAGE_MEAN) == (127, 127, 127)
 
 
 # --------------------------------------------------------------------------- manifest and split
@@ -358,6 +412,12 @@ def test_manifest_round_trip(tmp_path):
         DatasetManifest.from_json(json.dumps(old))
     with pytest.raises(FileNotFoundError, match="did not finish"):
         DatasetManifest.read(str(tmp_path))
+    by_count = DatasetManifest(**{**manifest.__dict__, "val_fraction": None, "val_count": 500,
+                                  "limits": {"max_text_tokens": {"limit": 256, "rejected": 3}}})
+    assert DatasetManifest.from_json(by_count.to_json()) == by_count
+    before = {k: v for k, v in json.loads(manifest.to_json()).items() if k not in ("val_count", "limits")}
+    read = DatasetManifest.from_json(json.dumps(before))  # written before those fields existed
+    assert read.val_count is None and read.limits == {}
 
 
 def test_split_is_a_stable_function_of_seed_and_id():
@@ -367,6 +427,21 @@ def test_split_is_a_stable_function_of_seed_and_id():
     assert 0.08 < splits.count("val") / len(ids) < 0.12
     assert splits != [split_of(i, 1, 0.1) for i in ids]
     assert {split_of(i, 0, 0.0) for i in ids} == {"train"} and {split_of(i, 0, 1.0) for i in ids} == {"val"}
+
+
+def test_split_by_count_holds_exactly_that_many_whatever_the_order():
+    ids = [f"text_to_image.json:image/{i}.png" for i in range(4000)]
+    splits = assign_splits(ids, 0, None, val_count=50)
+    assert splits.count("val") == 50
+    val = {i for i, split in zip(ids, splits) if split == "val"}
+    shuffled = list(reversed(ids))
+    assert {i for i, split in zip(shuffled, assign_splits(shuffled, 0, None, 50)) if split == "val"} == val
+    more = ids + [f"echo:{i}" for i in range(500)]  # added records push some ids out of val, none in
+    grown = {i for i, split in zip(more, assign_splits(more, 0, None, 50)) if split == "val"}
+    assert len(grown) == 50 and {i for i in grown if i in set(ids)} <= val
+    assert assign_splits(ids[:10], 0, None, 50) == ["val"] * 10
+    assert set(assign_splits(ids, 0, None, 0)) == {"train"}
+    assert assign_splits(ids, 3, 0.1) == [split_of(i, 3, 0.1) for i in ids]  # by fraction: as before
 
 
 # --------------------------------------------------------------------------- output folder
@@ -547,6 +622,88 @@ def test_writer_writes_good_rows_and_reports_rejects(tmp_path):
                                                "reason": "missing image: x.png"}]
 
 
+def test_writer_keeps_each_split_in_row_groups_of_their_own(tmp_path):
+    """Row groups are what training workers fetch: small, and never mixing train and val rows."""
+    row = {"task": "t2i", "prompt": "p", "output_codes": [1] * 16, "input_codes": [], "input_pixels": [],
+           "source": "jsonl:r.jsonl", "source_file": "r.jsonl", "reason": None, "fingerprint": "f"}
+    rows = [row | {"id": str(i), "record_index": i, "split": "val" if i % 3 == 0 else "train"} for i in range(10)]
+    summary = write_shard(pa.Table.from_pylist(rows, schema=ENCODED_SCHEMA), str(tmp_path),
+                          rows_per_row_group=4).to_pylist()[0]
+    shard = pq.ParquetFile(tmp_path / summary["shard"])
+    groups = [shard.read_row_group(i)["split"].to_pylist() for i in range(shard.metadata.num_row_groups)]
+    assert groups == [["train"] * 4, ["train"] * 2, ["val"] * 4]
+    split = SHARD_SCHEMA.names.index("split")  # a leaf column of its own, after the nested ones
+    stats = [shard.metadata.row_group(i).column(split) for i in range(3)]
+    assert [(c.path_in_schema, c.statistics.min, c.statistics.max) for c in stats] == \
+        [("split", "train", "train")] * 2 + [("split", "val", "val")]  # what readers count row groups by
+
+
+def test_records_are_written_in_a_mixed_order_not_source_order(tmp_path):
+    from janus_lab.data.ingest import _work_items
+
+    write_sample_dataset(tmp_path, num_t2i=48, num_ti2i=32)  # two source files, one per task
+    files, index = index_of(tmp_path)
+    accepted, _ = check_records(read_records("sharegpt4o", str(tmp_path), files), index)
+    items = _work_items(accepted, records_per_task=16)
+    assert sorted(len(item) for item in items) == [16] * 5
+    for item in items:  # in source order the first three items would be T2I only, the last two TI2I only
+        assert {r.record.source_file for r in item} == {"text_to_image.json", "text_and_image_to_image.json"}
+    assert [r.record.id for item in items for r in item] == \
+        [r.record.id for item in _work_items(accepted[::-1], records_per_task=16) for r in item]
+
+
+def test_ingest_of_a_non_square_image_stores_it_letterboxed(tmp_path, encoder):
+    """Read task -> encoder actor, as the job chains them: the edit input and the target are
+    letterboxed (grey bars, not stretched), and the codes are those of the letterboxed images."""
+    from janus_lab.model import debug, encode_vq_codes
+    from janus_lab.model.vq import pixels_to_tensor
+
+    rng = np.random.default_rng(5)
+    wide = Image.fromarray(rng.integers(0, 256, (60, 100, 3), dtype=np.uint8))
+    tall = Image.fromarray(rng.integers(0, 256, (100, 60, 3), dtype=np.uint8))
+    (tmp_path / "wide.png").write_bytes(png_bytes(wide))
+    (tmp_path / "tall.png").write_bytes(png_bytes(tall))
+    (tmp_path / "r.jsonl").write_text(json.dumps({"id": "1", "prompt": "turn it upright", "output_image": "tall.png",
+                                                  "input_images": ["wide.png"]}) + "\n")
+    work, _ = _work_table(tmp_path, "jsonl")
+    prepared = pa.concat_tables(prepare_records(work, str(tmp_path), 10**8, 64))
+    (row,) = encoder(prepared).to_pylist()
+    assert row["reason"] is None
+    stored = decode_png_pixels(row["input_pixels"][0])
+    assert np.array_equal(stored, janus_square(wide, 64))
+    assert (stored[:13] == 127).all() and (stored[-13:] == 127).all()  # 64 x 38 picture between bars
+    model = debug(seed=42).model  # the encoder fixture's VQ tokenizer
+    expected = encode_vq_codes(model, pixels_to_tensor(np.stack([janus_square(tall, 64), janus_square(wide, 64)])))
+    assert [row["output_codes"], *row["input_codes"]] == expected.tolist()
+
+
+def test_manifest_and_log_count_what_each_limit_dropped(tmp_path):
+    from janus_lab.data.ingest import _finish
+    from janus_lab.data.schema import Reject
+
+    good = {"id": "a", "task": "t2i", "prompt": "p", "output_codes": [1] * 16, "input_codes": [], "input_pixels": [],
+            "source": "jsonl:r.jsonl", "split": "val", "source_file": "r.jsonl", "record_index": 0, "reason": None,
+            "fingerprint": "f"}
+    dropped = [{k: None for k in good} | {"id": str(i), "source_file": "r.jsonl", "record_index": i,
+                                          "reason": reason, "fingerprint": "f"}
+               for i, reason in enumerate(["prompt too long: prompt has 300 tokens, more than the limit of 256",
+                                           "prompt too long: prompt has 290 tokens, more than the limit of 256",
+                                           "image too large: x.png (header claims ...)"], start=1)]
+    staging = tmp_path / "out" / "_tmp-x"
+    staging.mkdir(parents=True)
+    summary = write_shard(pa.Table.from_pylist([good, *dropped], schema=ENCODED_SCHEMA), str(staging)).to_pylist()[0]
+    early = [Reject("r.jsonl", 9, "9", "missing image: y.png")]  # rejected by the driver's checks
+    cfg = load_config(IngestConfig, SAMPLE_YAML, ["split.val_fraction=null", "split.val_count=5"])
+    result = _finish(cfg, str(tmp_path / "out"), str(staging), [summary], early, time.monotonic())
+    manifest = DatasetManifest.read(str(tmp_path / "out"))
+    assert manifest.limits == {"max_text_tokens": {"limit": 256, "rejected": 2},
+                               "max_image_pixels": {"limit": 4096 * 4096, "rejected": 1}}
+    assert (manifest.val_fraction, manifest.val_count, manifest.rejects) == (None, 5, 4)
+    log = result.summary()
+    assert "dropped by limits: 2 over max_text_tokens=256, 1 over max_image_pixels=16777216" in log
+    assert "held out for validation: 1 rows (val_count=5)" in log
+
+
 def test_sample_config_loads():
     cfg = load_config(IngestConfig, SAMPLE_YAML)
     assert (cfg.source.format, cfg.source.path, cfg.output.uri) == ("sharegpt4o", "data/sample", "data/sample-shards")
@@ -656,6 +813,20 @@ def test_sample_ingest_to_s3_has_exact_counts(sample_dataset, sample_source):
 
 
 @pytest.mark.integration
+def test_ingested_shards_mix_the_sources_in_small_row_groups(sample_dataset):
+    uri, result = sample_dataset
+    fs, root = pyarrow_filesystem(uri)
+    for name in result.manifest.shards:
+        with fs.open_input_file(f"{root}/{name}") as handle:
+            shard = pq.ParquetFile(handle)
+            assert shard.metadata.num_rows <= 32 and shard.metadata.row_group(0).num_rows <= 128
+            tables = [shard.read_row_group(i) for i in range(shard.metadata.num_row_groups)]
+        assert all(len(set(t["split"].to_pylist())) == 1 for t in tables)
+        if shard.metadata.num_rows >= 16:
+            assert len({s for t in tables for s in t["source"].to_pylist()}) == 2, name
+
+
+@pytest.mark.integration
 def test_ingested_codes_are_encode_vq_codes_of_the_resized_images(sample_dataset, sample_source):
     from janus_lab.model import debug, encode_vq_codes, image_to_tensor
 
@@ -671,7 +842,7 @@ def test_ingested_codes_are_encode_vq_codes_of_the_resized_images(sample_dataset
         expected = encode_vq_codes(bundle.model, torch_stack([image_to_tensor(i, 64) for i in images])).tolist()
         assert [row["output_codes"], *row["input_codes"]] == expected
         for png, image in zip(row["input_pixels"], record.input_images()):
-            assert np.array_equal(decode_png_pixels(png), np.asarray(image.resize((64, 64), Image.Resampling.BICUBIC)))
+            assert np.array_equal(decode_png_pixels(png), janus_square(image, 64))
 
 
 def torch_stack(tensors):
@@ -688,6 +859,9 @@ def test_bad_records_give_exact_rejects_and_the_good_ones_intact(ray_cluster, tm
     rejects = read_rejects(uri)
     assert {(r.source_file, r.record_index): r.category for r in rejects} == expected
     assert len(rejects) == result.manifest.rejects == len(expected) == 15
+    assert result.manifest.limits == {"max_text_tokens": {"limit": 64, "rejected": 1},
+                                      "max_image_pixels": {"limit": 100000, "rejected": 2}}
+    assert "dropped by limits: 1 over max_text_tokens=64, 2 over max_image_pixels=100000" in result.summary()
     assert [(r.source_file, r.record_index) for r in rejects] == sorted(expected)  # in source order
     by_key = {(r.source_file, r.record_index): r.reason for r in rejects}
     assert by_key[("text_to_image.json", 6)] == "path escapes source root: ../outside.png"
@@ -759,8 +933,10 @@ def test_a_finished_dataset_is_replaced_only_with_overwrite(sample_dataset, samp
         run_ingest(ingest_config(sample_source[0], uri))
     assert DatasetManifest.read(uri) == first.manifest  # untouched
     again = run_ingest(ingest_config(sample_source[0], uri, "output.overwrite=true", "split.seed=1",
-                                     "output.rows_per_shard=64"))
+                                     "output.rows_per_shard=64", "split.val_fraction=null", "split.val_count=5"))
     manifest = DatasetManifest.read(uri)
     assert manifest == again.manifest and manifest.seed == 1 and manifest.rows == 80
+    assert (manifest.val_fraction, manifest.val_count) == (None, 5)
+    assert sum(per_split["val"] for per_split in manifest.counts.values()) == 5  # by count: exactly 5
     assert object_names(uri) == sorted([*manifest.shards, REJECTS_NAME, MANIFEST_NAME])  # old shards gone
     assert counts_of(read_shards(uri)) == manifest.counts

@@ -103,6 +103,36 @@ def test_bad_prompts_and_codes(builder):
         builder.training_sample("x", codes(0)[:15])
 
 
+def test_prompts_are_stripped_as_the_chat_template_strips_them(builder):
+    # DeepSeek's sft template strips a message's content: surrounding whitespace is no part of
+    # the sample, in training, in CFG rows and in the token count a request is checked against.
+    clean = "a red circle"
+    for messy in (" a red circle", "a red circle\n", "\t a red circle  \n\n"):
+        assert builder.training_sample(messy, codes(0)).input_ids == builder.training_sample(clean, codes(0)).input_ids
+        assert builder.prefix(messy, [codes(10)]).input_ids == builder.prefix(clean, [codes(10)]).input_ids
+        assert builder.prompt_tokens(messy) == builder.prompt_tokens(clean)
+    # Whitespace inside the prompt is the prompt's own.
+    assert builder.prompt_tokens("a red\n\ncircle") != builder.prompt_tokens("a red circle")
+
+
+def test_pad_id_is_the_vocabulary_id_of_the_deepseek_pad_token(bundle):
+    from janus_lab.model.tokenizer import PAD_TOKEN, SpecialTokenIds, build_debug_tokenizer
+
+    pad_id = bundle.processor.tokenizer.get_vocab()[PAD_TOKEN]
+    assert SpecialTokenIds.from_tokenizer(bundle.processor.tokenizer).pad == pad_id
+    # A tokenizer with no pad_token (DeepSeek's processor never reads it) resolves the same id.
+    unset = build_debug_tokenizer()
+    unset.pad_token = None
+    assert SpecialTokenIds.from_tokenizer(unset).pad == pad_id
+    # One that pads with another token would silently change CFG's unconditional rows and the
+    # text drop: refused, naming both tokens.
+    other = build_debug_tokenizer()
+    other.pad_token = other.eos_token
+    with pytest.raises(ValueError, match=r"pad_token is '<｜end▁of▁sentence｜>' \(id \d+\) but Janus pads with "
+                                         r"'<｜▁pad▁｜>' \(id \d+\)"):
+        SequenceBuilder(other, N)
+
+
 def test_cfg_rows(builder):
     s = builder.special
     prefix = builder.prefix("make it blue", [codes(10)])

@@ -135,6 +135,35 @@ def test_uploads_are_checked_from_size_and_header_before_decoding():
         assert (caught.value.status, caught.value.param) == (status, "image[1]") and text in caught.value.message
 
 
+def test_an_uploaded_non_square_image_is_letterboxed_before_the_model_reads_it():
+    """A replica's path for an edit upload (`ImageModel.generate`: validate, then generate and
+    encode): a 100 x 60 upload gives exactly what its letterboxed 64 x 64 square gives."""
+    import numpy as np
+
+    from janus_lab.data.images import letterbox
+    from janus_lab.generation import GenerationRequest
+    from janus_lab.generation.requests import validate_request
+    from janus_lab.serving.model import ImageModel, load_model
+
+    current = load_model(ServeArgs.parse({"model": "debug", "device": "cpu"}), max_batch_size=2)
+    engine = current.engine
+
+    def edited(upload: bytes) -> bytes:
+        request = GenerationRequest("make it blue", input_images=[upload], temperature=0, seed=5)
+        prepared = validate_request(request, engine.limits, engine.builder, engine.max_sequence_length)
+        return ImageModel.func_or_class._generate_and_encode(current, [prepared])[0]["images"][0]
+
+    rng = np.random.default_rng(3)
+    wide = Image.fromarray(rng.integers(0, 256, (60, 100, 3), dtype=np.uint8))
+    as_uploaded, squared = io.BytesIO(), io.BytesIO()
+    wide.save(as_uploaded, format="PNG")
+    letterbox(wide, 64).save(squared, format="PNG")
+    stretched = io.BytesIO()
+    wide.resize((64, 64), Image.Resampling.BICUBIC).save(stretched, format="PNG")
+    assert edited(as_uploaded.getvalue()) == edited(squared.getvalue())
+    assert edited(as_uploaded.getvalue()) != edited(stretched.getvalue())  # the check can tell them apart
+
+
 # --------------------------------------------------------------------------- integration
 
 # Options over serve/config.yaml's, so autoscaling and overload show in seconds on two cores.

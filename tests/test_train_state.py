@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from janus_lab.config import TrainConfig
 from janus_lab.train.loop import build_optimizer
 from janus_lab.train.schedule import build_scheduler
 from janus_lab.train.state import ResumeMismatchError, TrainState, data_geometry
@@ -14,7 +15,7 @@ from janus_lab.train.state import ResumeMismatchError, TrainState, data_geometry
 def make_state(seed: int) -> TrainState:
     torch.manual_seed(seed)
     model = torch.nn.Linear(4, 3)
-    optimizer = build_optimizer(model, 1e-2, 0.1)
+    optimizer = build_optimizer(model, TrainConfig(lr=1e-2, weight_decay=0.1))
     return TrainState(model, optimizer, build_scheduler(optimizer, 10, 0.1, 0.15), rank=0)
 
 
@@ -48,3 +49,17 @@ def test_resume_in_another_geometry_is_refused_naming_both(tmp_path, workers, mi
     message = str(caught.value)
     assert "2 workers x micro-batch 2, global batch 8, seed 0" in message and other in message
     assert "train.num_workers" in message and "step 4" in message
+
+
+def test_resume_with_another_epoch_order_is_refused(tmp_path):
+    from janus_lab.data.stream import DatasetLayout, RowGroup, epoch_order_signature
+
+    layout = DatasetLayout(uri="s3://bucket/data", row_groups=[RowGroup("part-00000.parquet", 0, 96, 4)], footers={})
+    reingested = DatasetLayout(uri=layout.uri, row_groups=[RowGroup("part-00000.parquet", 0, 100, 0)], footers={})
+    state = make_state(0)
+    state.progress.step, state.progress.geometry = 4, data_geometry(2, 2, 8, 0, epoch_order_signature(layout, 0, 1024))
+    state.save(str(tmp_path / "ckpt"))
+    make_state(0).load(str(tmp_path / "ckpt"), data_geometry(2, 2, 8, 0, epoch_order_signature(layout, 0, 1024)))
+    for seed, window, data in ((1, 1024, layout), (0, 512, layout), (0, 1024, reingested)):
+        with pytest.raises(ResumeMismatchError, match="data.shuffle_seed"):
+            make_state(0).load(str(tmp_path / "ckpt"), data_geometry(2, 2, 8, 0, epoch_order_signature(data, seed, window)))

@@ -69,8 +69,10 @@ def _check_not_empty(cfg: Any, *names: str) -> None:
 class ModelConfig:
     """Which Janus-Pro network to build, from which weights, at which precision."""
 
-    preset: Literal["debug", "janus-pro-1b", "janus-pro-7b"] = "debug"
-    """Architecture: `debug` (2 layers, hidden 64, random init) or the released 1B/7B shapes."""
+    preset: Literal["debug", "mini", "mini-init", "janus-pro-1b", "janus-pro-7b"] = "debug"
+    """Architecture: `debug` (2 layers, hidden 64, random init), `mini` (the trained miniature
+    shipped in the repo: 4 layers, hidden 192, 64 px; `mini-init` = its VQ with a random language
+    model) or the released 1B/7B shapes."""
     weights: str | None = None
     """HF-format checkpoint folder or `s3://` prefix (safetensors); None = random init."""
     image_size: int = 64
@@ -85,6 +87,9 @@ class ModelConfig:
             if self.image_size not in (64, 384):
                 raise ValueError(f"image_size must be 64 or 384 for the debug preset, "
                                  f"got {self.image_size}")
+        elif self.preset.startswith("mini"):
+            if self.image_size != 64:
+                raise ValueError(f"image_size must be 64 for preset {self.preset!r}, got {self.image_size}")
         elif self.image_size != 384:
             # The released SigLIP encoder and 24x24 VQ grid only exist at 384 px.
             raise ValueError(f"image_size must be 384 for preset {self.preset!r}, "
@@ -113,13 +118,16 @@ class DataConfig:
     uri: str = "data/sample-shards"
     """Local folder or `s3://` prefix of the ingested Parquet shards and `_manifest.json`."""
     max_text_tokens: int = 256
-    """Longest prompt in tokens; ingest rejects longer ones, so training never sees them."""
+    """Longest prompt in tokens; at least the dataset's ingest limit (checked before training starts)."""
     shuffle_seed: int = 0
-    """Seed of the per-epoch shuffle of shards and rows."""
+    """Seed of each epoch's order: which row groups each worker reads, and the row order in a window."""
+    shuffle_window_rows: int = 1024
+    """Rows (whole row groups) a worker reads and shuffles together: more mixes each step more
+    evenly, at the cost of host memory (a worker holds two windows, one prefetched)."""
 
     def __post_init__(self) -> None:
         _check_not_empty(self, "uri")
-        _check_positive(self, "max_text_tokens")
+        _check_positive(self, "max_text_tokens", "shuffle_window_rows")
 
 
 @dataclasses.dataclass
@@ -130,6 +138,16 @@ class TrainConfig:
     """Peak AdamW learning rate (paper: 5e-6)."""
     weight_decay: float = 0.1
     """AdamW decoupled weight decay."""
+    weight_decay_exempt: Literal["biases_and_norms", "biases"] = "biases_and_norms"
+    """Parameters not decayed: biases and norm weights, or biases only. The published script means
+    to exempt both, but its name filter ("bias", "LayerNorm.weight") matches no Janus norm, so its
+    run decayed norm weights (`biases` reproduces that). Ours exempts them: a norm weight is a
+    per-channel gain, and decaying it shrinks the layer's output instead of regularising it."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW (beta1, beta2). The published script keeps torch's (0.9, 0.999), whose second moment
+    remembers ~1000 steps, more than the whole 5% warmup of a few-thousand-step fine-tune; 0.95
+    (~20 steps, as LLM training has used since GPT-3) keeps it current, so a jump in gradient
+    size does not make an outsized step."""
     warmup_ratio: float = 0.05
     """Fraction of all optimizer steps spent in linear warmup."""
     min_lr_ratio: float = 0.15
@@ -175,6 +193,7 @@ class TrainConfig:
                         "keep_checkpoints")
         _check_non_negative(self, "weight_decay", "eval_every", "max_failures")
         _check_fraction(self, "warmup_ratio", "min_lr_ratio")
+        _check(self, ["betas"], lambda b: all(0 <= beta < 1 for beta in b), "two numbers in [0, 1)")
         _check_not_empty(self, "storage_path")
         per_pass = self.num_workers * self.micro_batch_size
         if self.global_batch_size % per_pass:
@@ -248,10 +267,13 @@ class IngestOutputConfig:
     """Replace a finished dataset already at `uri`; false refuses to touch it."""
     rows_per_shard: int = 2048
     """Target rows per Parquet shard (a shard is what one writer task writes)."""
+    rows_per_row_group: int = 128
+    """Most rows per Parquet row group, the unit a training worker reads: small groups let each
+    worker fetch only its own part of an epoch and mix rows from many places of the dataset."""
 
     def __post_init__(self) -> None:
         _check_not_empty(self, "uri")
-        _check_positive(self, "rows_per_shard")
+        _check_positive(self, "rows_per_shard", "rows_per_row_group")
 
 
 @dataclasses.dataclass
@@ -261,23 +283,39 @@ class IngestLimitsConfig:
     max_image_pixels: int = 4096 * 4096
     """Largest width x height an image header may claim; checked before any pixel is decoded."""
     max_text_tokens: int = 256
-    """Longest prompt in tokens of the model's tokenizer."""
+    """Longest prompt in tokens of the model's tokenizer; fine-tunes of the dataset need at least this."""
 
     def __post_init__(self) -> None:
         _check_positive(self, "max_image_pixels", "max_text_tokens")
 
 
+DEFAULT_VAL_FRACTION = 0.1
+
+
 @dataclasses.dataclass
 class SplitConfig:
-    """The train/validation split, a pure function of (seed, sample id)."""
+    """The train/validation split: by fraction or by count, a function of (seed, sample ids)."""
 
-    val_fraction: float = 0.1
-    """Share of samples that go to the `val` split."""
+    val_fraction: float | None = None
+    """Share of samples that go to `val` (0: no validation split); None = 0.1 unless val_count is set."""
+    val_count: int | None = None
+    """Instead of a fraction: this many samples go to `val`, those with the lowest split hash."""
     seed: int = 0
     """Seed of the split hash; the same seed gives the same split on every run."""
 
     def __post_init__(self) -> None:
         _check_fraction(self, "val_fraction")
+        _check_non_negative(self, "val_count")
+        if self.val_fraction is not None and self.val_count is not None:
+            raise ValueError(f"val_fraction ({self.val_fraction}) and val_count ({self.val_count}) both hold out a "
+                             "validation split: set one of them, the other to null")
+
+    @property
+    def fraction(self) -> float | None:
+        """The share held out, or None when the split is by count."""
+        if self.val_count is not None:
+            return None
+        return DEFAULT_VAL_FRACTION if self.val_fraction is None else self.val_fraction
 
 
 @dataclasses.dataclass
@@ -304,7 +342,7 @@ class IngestConfig:
     output: IngestOutputConfig = dataclasses.field(default_factory=IngestOutputConfig)
     """The ingested dataset."""
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
-    """The model whose VQ tokenizer encodes the images and whose image side they are resized to."""
+    """The model whose VQ tokenizer encodes the images and whose image side they are letterboxed to."""
     init_seed: int = 42
     """Seed of the random init when `model.weights` is None; must equal the fine-tune's `train.seed`."""
     limits: IngestLimitsConfig = dataclasses.field(default_factory=IngestLimitsConfig)

@@ -3,8 +3,12 @@
 Every image of a raw dataset passes through `prepare_image`: the header's size is checked
 against a pixel limit before any pixel is decoded, the file is verified and fully decoded (so a
 truncated file fails here, not in training), EXIF rotation is applied, any mode becomes RGB
-(transparency composited on white) and the result is resized to the model's square side exactly
-as `janus_lab.model.vq.image_to_tensor` does.
+(transparency composited on white) and the result is letterboxed to the model's square side.
+
+`letterbox` is the one way an image becomes square anywhere in janus-lab (ingest targets and
+inputs here; engine inputs, server uploads and evaluation inputs through
+`janus_lab.model.vq.image_to_tensor`): Janus's own image processor does the same, so the model
+sees images the way Janus-Pro was trained on them, undistorted.
 """
 
 from __future__ import annotations
@@ -19,6 +23,11 @@ from PIL import Image, ImageOps
 from janus_lab.data.schema import IMAGE_TOO_LARGE, UNREADABLE_IMAGE
 
 WHITE = (255, 255, 255)
+LETTERBOX_GREY = (127, 127, 127)
+"""Fill of the letterbox bars: Janus's `int(255 * m)` for its image mean m = 0.5
+(`janus_lab.model.tokenizer.IMAGE_MEAN`; not imported, the ingest driver never loads the model)."""
+LETTERBOX_MIN_SIDE = 14
+"""Shortest side a letterboxed image keeps (Janus's `min_size`), so a thin strip is not resized to nothing."""
 
 
 class ImageRejected(ValueError):
@@ -88,15 +97,39 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV, F
 
 
-def resize_to_side(image: Image.Image, side: int) -> Image.Image:
-    """Resizes to `side` x `side` with the same filter as `janus_lab.model.vq.image_to_tensor`."""
-    if image.size == (side, side):
+def letterbox(image: Image.Image, side: int) -> Image.Image:
+    """Fits an image into a `side` x `side` square without distorting it, as Janus's processor does.
+
+    The long side is resized to `side` and the short side in proportion (truncated to whole pixels,
+    at least `LETTERBOX_MIN_SIDE`), bicubic; the result is centred on a square of `LETTERBOX_GREY`,
+    so a 1536 x 1024 image becomes a `side`-wide band between two grey bars. A square image is
+    only resized.
+
+    Args:
+        image: any PIL image; it is converted to RGB first.
+        side: the square's side in pixels.
+
+    Returns:
+        An RGB image of `side` x `side`.
+    """
+    image = image if image.mode == "RGB" else image.convert("RGB")
+    width, height = image.size
+    longest = max(width, height)
+    # Janus's expression, operation for operation, so the truncation lands on the same pixel. Its
+    # 14 px floor is capped at `side`: a square smaller than 14 px (tests) would not hold the image.
+    shortest = min(LETTERBOX_MIN_SIDE, side)
+    size = (max(int(width / longest * side), shortest), max(int(height / longest * side), shortest))
+    if size != image.size:
+        image = image.resize(size, Image.Resampling.BICUBIC)
+    if size == (side, side):
         return image
-    return image.resize((side, side), Image.Resampling.BICUBIC)
+    square = Image.new("RGB", (side, side), LETTERBOX_GREY)
+    square.paste(image, ((side - size[0]) // 2, (side - size[1]) // 2))
+    return square
 
 
 def prepare_image(data: bytes, max_pixels: int, side: int) -> Image.Image:
-    """Untrusted bytes -> the RGB image the model reads, `side` x `side`.
+    """Untrusted bytes -> the RGB image the model reads, letterboxed to `side` x `side`.
 
     Raises:
         ImageRejected: see `decode_image`.
@@ -106,7 +139,7 @@ def prepare_image(data: bytes, max_pixels: int, side: int) -> Image.Image:
         image = ImageOps.exif_transpose(image)
     except Exception:  # a broken EXIF block does not make the pixels unusable
         pass
-    return resize_to_side(to_rgb(image), side)
+    return letterbox(to_rgb(image), side)
 
 
 def encode_png(image: Image.Image, compress_level: int = 6) -> bytes:

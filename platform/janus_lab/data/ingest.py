@@ -3,7 +3,7 @@
     driver    read the records (a source unusable as a whole fails here, naming the file)
               list the archives (a Ray Data map, one task per archive)
               check the records: structure, prompt, ids, image paths (`sources.check_records`)
-    Ray Data  read tasks     -> images read, verified, RGB, resized (`prepare_records`)
+    Ray Data  read tasks     -> images read, verified, RGB, letterboxed (`prepare_records`)
               encoder actors -> prompt length checked, images VQ-encoded (`VQEncoder`, model loaded once)
               writer tasks   -> one zstd shard each under `_tmp-<run>/` (`write_shard`)
     driver    shards moved into place as `part-NNNNN.parquet`, `_rejects.parquet`, `_manifest.json` last
@@ -36,22 +36,25 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pyarrow import fs as pafs
 
-from janus_lab.config import IngestConfig, ModelConfig
+from janus_lab.config import IngestConfig, IngestOutputConfig, ModelConfig
 from janus_lab.data.images import ImageRejected, decode_png_pixels, encode_png, prepare_image
+from janus_lab.data.order import order_key
 from janus_lab.data.schema import (
     EMPTY_PROMPT,
+    IMAGE_TOO_LARGE,
     MANIFEST_NAME,
     PROMPT_TOO_LONG,
     REJECTS_NAME,
     REJECTS_SCHEMA,
     SHARD_PREFIX,
     SHARD_SCHEMA,
+    SPLITS,
     UNREADABLE_IMAGE,
     DatasetManifest,
     Reject,
+    assign_splits,
     empty_counts,
     shard_name,
-    split_of,
 )
 from janus_lab.data.sources import (
     ImageLocation,
@@ -75,6 +78,9 @@ STAGING_PREFIX = "_tmp-"
 OUTPUT_PATTERNS = (f"{SHARD_PREFIX}*.parquet", REJECTS_NAME, MANIFEST_NAME, f"{MANIFEST_NAME}.*.tmp",
                    f"{STAGING_PREFIX}*")
 PATCH_SIZE = 16  # janus_lab.model.builders.PATCH_SIZE; not imported, the driver never loads the model
+# Each per-record limit (an `IngestLimitsConfig` field) and the reject category it causes; the
+# manifest and the job's log say how many records each one dropped.
+LIMIT_CATEGORIES = {"max_text_tokens": PROMPT_TOO_LONG, "max_image_pixels": IMAGE_TOO_LARGE}
 AWS_VARIABLES = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
                  "AWS_REGION", "AWS_DEFAULT_REGION")
 
@@ -132,6 +138,11 @@ class IngestResult:
         lines.append(f"rejected {m.rejects} records{where}")
         for category, n in sorted(Counter(r.category for r in self.rejects).items()):
             lines.append(f"  {category}: {n}")
+        lines.append("dropped by limits: " + ", ".join(f"{limit['rejected']} over {name}={limit['limit']}"
+                                                       for name, limit in m.limits.items()))
+        held = sum(per_split["val"] for per_split in m.counts.values())
+        rule = f"val_count={m.val_count}" if m.val_count is not None else f"val_fraction={m.val_fraction}"
+        lines.append(f"held out for validation: {held} rows ({rule})")
         return "\n".join(lines)
 
 
@@ -420,8 +431,13 @@ def _recompress(png: bytes) -> bytes:
 # --------------------------------------------------------------------------- writer tasks
 
 
-def write_shard(batch: pa.Table, staging_uri: str) -> pa.Table:
+def write_shard(batch: pa.Table, staging_uri: str,
+                rows_per_row_group: int = IngestOutputConfig.rows_per_row_group) -> pa.Table:
     """Writer task: the good rows of `batch` become one zstd shard in the staging folder.
+
+    The shard's row groups hold at most `rows_per_row_group` rows of one split each: a row group
+    is what a training worker fetches, so small ones let each worker read only its own part of
+    an epoch, and validation reads only validation rows.
 
     Returns:
         One `SUMMARY_SCHEMA` row: the shard's name, its counts, the batch's rejects.
@@ -438,7 +454,14 @@ def write_shard(batch: pa.Table, staging_uri: str) -> pa.Table:
         name = f"{uuid.uuid4().hex}.parquet"
         fs, root = pyarrow_filesystem(staging_uri)
         table = good.select(SHARD_SCHEMA.names).cast(SHARD_SCHEMA)
-        pq.write_table(table, f"{root.rstrip('/')}/{name}", filesystem=fs, compression="zstd")
+        # Statistics only for `split`, which readers prune row groups by: in small row groups the
+        # min/max of prompts and PNGs would add a tenth or more to the file.
+        with pq.ParquetWriter(f"{root.rstrip('/')}/{name}", SHARD_SCHEMA, filesystem=fs, compression="zstd",
+                              write_statistics=["split"]) as writer:
+            for split in SPLITS:
+                rows = table.filter(pc.equal(table["split"], split))
+                if rows.num_rows:
+                    writer.write_table(rows, row_group_size=rows_per_row_group)
     rejects = bad.select(REJECTS_SCHEMA.names).to_pylist()
     return pa.Table.from_pylist([{
         "shard": name, "first_record": first, "records": batch.num_rows, "counts": json.dumps(counts),
@@ -560,19 +583,39 @@ def _record_progress_only() -> Iterator[None]:
         context.enable_progress_bars = saved
 
 
+def _work_items(accepted: list[LocatedRecord], records_per_task: int) -> list[list[LocatedRecord]]:
+    """The read tasks' work, in the order their rows reach the writers.
+
+    Records go in a fixed hash order of their ids, not source order, so every shard mixes the
+    tasks and source files (rather than holding one file's records after another's) and any
+    stretch of row groups a training worker reads is a mix too. Records that need the same
+    compressed archives stay one item, read in one pass over them; such an item takes its
+    place in the order by its first record.
+    """
+    def key(located: LocatedRecord) -> int:
+        return order_key(0, 0, f"write:{located.record.id}")
+
+    direct, streamed = group_by_archive_stream(accepted)
+    items = _chunks(sorted(direct, key=key), records_per_task) + list(streamed.values())
+    return sorted(items, key=lambda item: key(item[0]))
+
+
 def _encode_and_write(cfg: IngestConfig, source_uri: str, staging_uri: str, accepted: list[LocatedRecord],
                       total: int, done: int) -> list[dict]:
     """The Ray Data part: read tasks -> encoder actors -> writer tasks; returns the writers' summaries."""
     import ray.data
     from tqdm import tqdm
 
-    direct, streamed = group_by_archive_stream(accepted)
-    items = _chunks(direct, cfg.ray.records_per_task) + list(streamed.values())
+    items = _work_items(accepted, cfg.ray.records_per_task)
     if not items:
         return []
-    work = [{"records": json.dumps([_work_record(r, cfg.source.format,
-                                                 split_of(r.record.id, cfg.split.seed, cfg.split.val_fraction))
-                                    for r in item])} for item in items]
+    # By count, the split needs every id at once; records rejected later (unreadable images,
+    # long prompts) are not replaced, so `val` may end a little under `val_count`.
+    splits = dict(zip((r.record.id for r in accepted),
+                      assign_splits([r.record.id for r in accepted], cfg.split.seed, cfg.split.fraction,
+                                    cfg.split.val_count)))
+    work = [{"records": json.dumps([_work_record(r, cfg.source.format, splits[r.record.id]) for r in item])}
+            for item in items]
     # On a CPU cluster Ray Data fuses the read tasks into the encoder actors (same resources);
     # with GPUs the reads stay CPU tasks feeding the GPU actors.
     encoder_resources = {"num_gpus": 1} if _has_gpus() else {"num_cpus": 1}
@@ -585,7 +628,8 @@ def _encode_and_write(cfg: IngestConfig, source_uri: str, staging_uri: str, acce
                        fn_constructor_kwargs={"model": dataclasses.asdict(cfg.model), "init_seed": cfg.init_seed,
                                               "max_text_tokens": cfg.limits.max_text_tokens})
           .map_batches(write_shard, batch_size=cfg.output.rows_per_shard, batch_format="pyarrow",
-                       fn_kwargs={"staging_uri": staging_uri}))
+                       fn_kwargs={"staging_uri": staging_uri,
+                                  "rows_per_row_group": cfg.output.rows_per_row_group}))
     summaries = []
     with tqdm(total=total, initial=done, unit="record", desc="ingest") as bar:
         for summary in ds.iter_rows():
@@ -631,10 +675,18 @@ def _finish(cfg: IngestConfig, output_uri: str, staging_uri: str, summaries: lis
                "image_size": model.image_size, "num_image_tokens": (model.image_size // PATCH_SIZE) ** 2,
                "fingerprint": fingerprints.pop()},
         counts=counts, rows=rows, shards=shards, rejects=len(rejects),
-        val_fraction=cfg.split.val_fraction, seed=cfg.split.seed,
+        val_fraction=cfg.split.fraction, val_count=cfg.split.val_count, seed=cfg.split.seed,
+        limits=limits_report(cfg, rejects),
     )
     manifest.write(output_uri)
     return IngestResult(output_uri, manifest, rejects, time.monotonic() - started)
+
+
+def limits_report(cfg: IngestConfig, rejects: list[Reject]) -> dict[str, dict[str, int]]:
+    """Each per-record limit with its value and how many records it rejected (for the manifest)."""
+    rejected = Counter(r.category for r in rejects)
+    return {name: {"limit": getattr(cfg.limits, name), "rejected": rejected[category]}
+            for name, category in LIMIT_CATEGORIES.items()}
 
 
 def read_rejects(uri: str) -> list[Reject]:

@@ -1,8 +1,8 @@
-"""The seeded order of an epoch: a hash per sample id, and the per-block shuffle built on it.
+"""The seeded order of an epoch: a hash per key, and the shuffle of a block of rows built on it.
 
-Kept apart from the rest of `janus_lab.data` and free of torch and transformers, because Ray
-Data's workers import this module to run `ShuffleWithinBlock`, and every import there is paid
-at the start of each worker.
+Kept apart from the rest of `janus_lab.data` and free of torch and transformers: ingest's
+driver (which never loads the model) orders records with it, and checks and benchmarks
+compute an epoch's order without the model stack.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ def order_key(seed: int, epoch: int, sample_id: str) -> int:
 
 
 class ShuffleWithinBlock:
-    """Orders the rows of a block by their seeded hash (a per-epoch shuffle inside a shard)."""
+    """Orders the rows of a block by their seeded hash (a per-epoch shuffle inside a window of rows)."""
 
     def __init__(self, seed: int, epoch: int):
         self.seed, self.epoch = seed, epoch

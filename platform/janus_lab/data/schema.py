@@ -18,6 +18,7 @@ import json
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from typing import Sequence
 
 import pyarrow as pa
 from pyarrow import fs as pafs
@@ -87,13 +88,39 @@ def shard_name(index: int) -> str:
     return f"{SHARD_PREFIX}{index:05d}.parquet"
 
 
+def _split_hash(sample_id: str, seed: int) -> float:
+    """A stable draw in [0, 1) per (seed, sample id)."""
+    digest = hashlib.blake2b(f"split:{seed}:{sample_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2**64
+
+
 def split_of(sample_id: str, seed: int, val_fraction: float) -> str:
     """"val" for a stable `val_fraction` of sample ids, "train" for the rest.
 
     The split hangs on the id alone, so it survives re-ingesting, reordering or adding records.
     """
-    digest = hashlib.blake2b(f"split:{seed}:{sample_id}".encode(), digest_size=8).digest()
-    return "val" if int.from_bytes(digest, "little") / 2**64 < val_fraction else "train"
+    return "val" if _split_hash(sample_id, seed) < val_fraction else "train"
+
+
+def assign_splits(sample_ids: Sequence[str], seed: int, val_fraction: float | None,
+                  val_count: int | None = None) -> list[str]:
+    """The split of each id: a fraction (`split_of`), or exactly `val_count` ids in `val`.
+
+    By count, `val` takes the `val_count` ids of lowest split hash (all of them when there are
+    fewer), so the choice depends on the set of ids, not on their order. Adding records can move
+    an id from `val` to `train` (a new id may hash lower), never from `train` to `val`.
+
+    Args:
+        sample_ids: distinct ids.
+        seed: seed of the split hash.
+        val_fraction: share of ids in `val` (used when `val_count` is None).
+        val_count: number of ids in `val`, or None to split by fraction.
+    """
+    if val_count is None:
+        return [split_of(i, seed, val_fraction or 0.0) for i in sample_ids]
+    ranked = sorted(range(len(sample_ids)), key=lambda k: (_split_hash(sample_ids[k], seed), sample_ids[k]))
+    held = set(ranked[:val_count])
+    return ["val" if k in held else "train" for k in range(len(sample_ids))]
 
 
 def empty_counts() -> dict[str, dict[str, int]]:
@@ -122,10 +149,15 @@ class DatasetManifest:
     """Shard file names, relative to the dataset folder."""
     rejects: int
     """Rows of `_rejects.parquet`."""
-    val_fraction: float
-    """Share of ids hashed into `val`."""
+    val_fraction: float | None
+    """Share of ids hashed into `val`; None when the split is by count."""
     seed: int
     """Seed of the split hash."""
+    val_count: int | None = None
+    """Ids asked for in `val` when the split is by count (the counts say how many made it); else None."""
+    limits: dict[str, dict[str, int]] = field(default_factory=dict)
+    """Per ingest limit, its value and the records it rejected:
+    `{"max_text_tokens": {"limit": 256, "rejected": 3}, "max_image_pixels": {...}}`."""
     schema_version: int = SCHEMA_VERSION
     """Version of `SHARD_SCHEMA` the shards follow."""
     created: str = field(default_factory=_utc_now)
@@ -143,7 +175,10 @@ class DatasetManifest:
         """
         data = json.loads(text)
         names = {f.name for f in dataclasses.fields(cls)}
-        missing = sorted(names - set(data))
+        # Fields added since (with defaults) may be absent from manifests written before them.
+        required = {f.name for f in dataclasses.fields(cls)
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+        missing = sorted((required | {"schema_version"}) - set(data))
         if missing:
             raise ValueError(f"manifest lacks {', '.join(missing)}")
         if data["schema_version"] != SCHEMA_VERSION:

@@ -12,6 +12,9 @@ the official tools on their own machines:
 - ImgEdit basic (`basic_edit.json`: key -> {id: image path under the image root, prompt,
   edit_type}): `<out>/<key>.png`, one edited image per key; score with
   `basic_bench.py --result_img_folder <out> --edit_json basic_edit.json --origin_img_root <root>`.
+
+A prompt the model cannot take (longer than the token limit, an unreadable input image) is
+refused alone: it gets no output and its reason is returned; the other prompts are generated.
 """
 
 from __future__ import annotations
@@ -31,6 +34,16 @@ DPG_GRID = 2
 
 class BenchmarkFileError(ValueError):
     """A benchmark prompt file that is missing or not in the benchmark's format."""
+
+
+@dataclass
+class BenchmarkExport:
+    """What an export wrote."""
+
+    folder: Path
+    """The benchmark's output folder."""
+    refused: dict[str, str]
+    """Item key -> why it has no output."""
 
 
 @dataclass
@@ -90,7 +103,7 @@ def read_imgedit(path: str | Path, image_root: str | Path) -> list[BenchmarkItem
 
 def export_geneval(engine: GenerationEngine, items: Sequence[BenchmarkItem], out: str | Path,
                    settings: Mapping[str, Any], images_per_prompt: int = 4, seed: int = 0,
-                   batch_images: int = 16) -> Path:
+                   batch_images: int = 16) -> BenchmarkExport:
     """Generates `images_per_prompt` samples per GenEval prompt into GenEval's layout."""
     out = Path(out)
 
@@ -101,12 +114,11 @@ def export_geneval(engine: GenerationEngine, items: Sequence[BenchmarkItem], out
         for index, image in enumerate(images):
             image.save(folder / "samples" / f"{index:04d}.png")
 
-    _generate(engine, items, settings, images_per_prompt, seed, batch_images, write)
-    return out
+    return BenchmarkExport(out, _generate(engine, items, settings, images_per_prompt, seed, batch_images, write))
 
 
 def export_dpg(engine: GenerationEngine, items: Sequence[BenchmarkItem], out: str | Path, settings: Mapping[str, Any],
-               seed: int = 0, batch_images: int = 16) -> Path:
+               seed: int = 0, batch_images: int = 16) -> BenchmarkExport:
     """Generates 4 images per DPG-Bench prompt, saved as one 2 x 2 grid `<id>.png`."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -118,27 +130,33 @@ def export_dpg(engine: GenerationEngine, items: Sequence[BenchmarkItem], out: st
             grid.paste(image, ((index % DPG_GRID) * side, (index // DPG_GRID) * side))
         grid.save(out / f"{item.key}.png")
 
-    _generate(engine, items, settings, DPG_GRID * DPG_GRID, seed, batch_images, write)
-    return out
+    return BenchmarkExport(out, _generate(engine, items, settings, DPG_GRID * DPG_GRID, seed, batch_images, write))
 
 
 def export_imgedit(engine: GenerationEngine, items: Sequence[BenchmarkItem], out: str | Path,
-                   settings: Mapping[str, Any], seed: int = 0, batch_images: int = 16) -> Path:
+                   settings: Mapping[str, Any], seed: int = 0, batch_images: int = 16) -> BenchmarkExport:
     """Edits each ImgEdit input image by its instruction, saved as `<key>.png`."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    _generate(engine, items, settings, 1, seed, batch_images,
-              lambda item, images: images[0].save(out / f"{item.key}.png"))
-    return out
+    return BenchmarkExport(out, _generate(engine, items, settings, 1, seed, batch_images,
+                                          lambda item, images: images[0].save(out / f"{item.key}.png")))
 
 
 def _generate(engine: GenerationEngine, items: Sequence[BenchmarkItem], settings: Mapping[str, Any], per_prompt: int,
-              seed: int, batch_images: int, write: Callable[[BenchmarkItem, list[Image.Image]], None]) -> None:
+              seed: int, batch_images: int,
+              write: Callable[[BenchmarkItem, list[Image.Image]], None]) -> dict[str, str]:
+    """Generates and writes every item; returns the refused ones, key -> reason."""
     requests = [GenerationRequest(item.prompt, parallel_size=per_prompt, seed=seed + index, **settings,
                                   input_images=[Path(item.record).read_bytes()] if isinstance(item.record, Path) else [])
                 for index, item in enumerate(items)]
-    for index, result in engine.generate_in_batches(requests, max_images=batch_images):
+    refused: dict[str, str] = {}
+
+    def refuse(index: int, error: Exception) -> None:
+        refused[items[index].key] = str(error)
+
+    for index, result in engine.generate_in_batches(requests, max_images=batch_images, on_refused=refuse):
         write(items[index], result.images)
+    return refused
 
 
 def _read(path: str | Path) -> str:

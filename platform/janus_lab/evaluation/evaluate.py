@@ -5,7 +5,9 @@
 - images for GenEval, DPG-Bench and ImgEdit basic prompt files, in their official layouts.
 
 Each part runs when its input is given. Scores go to `<output_dir>/scores.json` (and stdout);
-benchmark images to `<output_dir>/geneval/`, `dpg_bench/` and `imgedit/`.
+benchmark images to `<output_dir>/geneval/`, `dpg_bench/` and `imgedit/`. A held-out row or prompt
+the model cannot take (over `max_text_tokens`, an unreadable input image) is refused alone and
+listed with its reason under `refused` in scores.json; the rest is evaluated.
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ class EvaluateConfig:
     """Images per engine batch."""
     batch_size: int = 4
     """Samples per forward pass of the held-out NLL."""
+    max_text_tokens: int = 256
+    """Longest prompt in tokens; a longer held-out row or prompt is refused alone, with its reason."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where to run; auto = cuda when available."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
@@ -66,7 +70,7 @@ class EvaluateConfig:
             raise ValueError("prompts are scored with CLIP: set clip_model (a CLIP folder, or debug for a random test CLIP)")
         if bool(self.imgedit) != bool(self.imgedit_images):
             raise ValueError("imgedit and imgedit_images go together (basic_edit.json and its image root)")
-        for name in ("parallel_size", "geneval_images", "batch_images", "batch_size"):
+        for name in ("parallel_size", "geneval_images", "batch_images", "batch_size", "max_text_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -81,6 +85,8 @@ class EvaluateSummary:
     """Benchmark -> its image folder."""
     clip_label: str | None
     scores_file: Path
+    refused: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
+    """Part (`heldout`, `prompts`, a benchmark) -> row id, request index or item key -> reason."""
 
 
 def sampling_settings(path: str | None) -> dict:
@@ -117,30 +123,38 @@ def run_evaluate(cfg: EvaluateConfig) -> EvaluateSummary:
 
     device, dtype = resolve_device_and_dtype(cfg.device, cfg.dtype)
     bundle = load_generation_model(cfg.model, device=device, dtype=dtype)
-    limits = GenerationLimits(max_parallel_size=max(cfg.parallel_size, cfg.geneval_images, 4),
+    limits = GenerationLimits(max_text_tokens=cfg.max_text_tokens,
+                              max_parallel_size=max(cfg.parallel_size, cfg.geneval_images, 4),
                               max_batch_images=max(cfg.batch_images, cfg.parallel_size, cfg.geneval_images, 4))
     engine = GenerationEngine.from_bundle(bundle, limits=limits)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    scores, exports, clip_label = {}, {}, None
+    scores, exports, clip_label, refused = {}, {}, None, {}
     if cfg.data_uri:
-        scores.update(heldout_metrics(bundle, cfg.data_uri, cfg.batch_size))
+        metrics, refused["heldout"] = heldout_metrics(bundle, cfg.data_uri, cfg.batch_size, cfg.max_text_tokens)
+        scores.update(metrics)
     if requests:
         scorer = ClipScorer.load(cfg.clip_model, device)
         clip_label = scorer.label
         scored = score_generation(engine, with_settings(requests, settings, cfg.parallel_size), scorer,
                                   batch_images=limits.max_batch_images)
         scores.update(scored.metrics)
+        refused["prompts"] = {str(index): reason for index, reason in scored.refused.items()}
     batch = limits.max_batch_images
+    done = []
     if geneval:
-        exports["geneval"] = export_geneval(engine, geneval, out / "geneval", settings, cfg.geneval_images, cfg.seed,
-                                            batch)
+        done.append(("geneval", export_geneval(engine, geneval, out / "geneval", settings, cfg.geneval_images,
+                                                cfg.seed, batch)))
     if dpg:
-        exports["dpg_bench"] = export_dpg(engine, dpg, out / "dpg_bench", settings, cfg.seed, batch)
+        done.append(("dpg_bench", export_dpg(engine, dpg, out / "dpg_bench", settings, cfg.seed, batch)))
     if imgedit:
-        exports["imgedit"] = export_imgedit(engine, imgedit, out / "imgedit", settings, cfg.seed, batch)
+        done.append(("imgedit", export_imgedit(engine, imgedit, out / "imgedit", settings, cfg.seed, batch)))
+    for name, export in done:
+        exports[name], refused[name] = export.folder, export.refused
+    refused = {part: items for part, items in refused.items() if items}
     scores_file = out / "scores.json"
     scores_file.write_text(json.dumps({"model": cfg.model, "settings": settings, "scores": scores,
-                                       "clip": clip_label, "exports": {k: str(v) for k, v in exports.items()}},
-                                      indent=2) + "\n")
-    return EvaluateSummary(scores=scores, exports=exports, clip_label=clip_label, scores_file=scores_file)
+                                       "clip": clip_label, "exports": {k: str(v) for k, v in exports.items()},
+                                       "refused": refused}, indent=2) + "\n")
+    return EvaluateSummary(scores=scores, exports=exports, clip_label=clip_label, scores_file=scores_file,
+                           refused=refused)

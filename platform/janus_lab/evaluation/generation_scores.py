@@ -5,7 +5,9 @@
 - `clip_i`: CLIP-I of editing prompts, cosine(output, input image), mean over every output and
   input image (high: the edit kept the input; a good edit balances it against the instruction).
 
-A metric is left out when the prompt set has no prompt of its kind.
+A metric is left out when the prompt set has no prompt of its kind. A request that fails its
+checks (a prompt over the token limit, an unreadable input image) is refused alone, with its
+reason, and the others are scored.
 """
 
 from __future__ import annotations
@@ -29,8 +31,10 @@ class GenerationScores:
     """`clip_t`, `clip_t_edit`, `clip_i` (those the prompt set has prompts for)."""
     images: int
     """Images generated."""
-    results: list[GenerationResult]
-    """Per request, its codes and images (for contact sheets and exports)."""
+    results: list[GenerationResult | None]
+    """Per request, its codes and images (for contact sheets and exports); None for a refused one."""
+    refused: dict[int, str]
+    """Request index -> why it was not generated."""
 
 
 def with_settings(requests: Sequence[GenerationRequest], settings: Mapping[str, Any],
@@ -42,14 +46,20 @@ def with_settings(requests: Sequence[GenerationRequest], settings: Mapping[str, 
 
 def score_generation(engine: GenerationEngine, requests: Sequence[GenerationRequest], scorer: ClipScorer,
                      batch_images: int = 16) -> GenerationScores:
-    """Generates every request (batched) and scores the images with CLIP.
+    """Generates every request (batched) and scores the images with CLIP; a bad request is refused alone.
 
     Raises:
-        GenerationRequestError: a bad request (nothing is generated).
+        GenerationRequestError: no requests.
     """
-    results = [result for _, result in engine.generate_in_batches(requests, max_images=batch_images)]
+    refused: dict[int, str] = {}
+    results: list[GenerationResult | None] = [None] * len(requests)
+    for index, result in engine.generate_in_batches(requests, max_images=batch_images,
+                                                    on_refused=lambda i, err: refused.__setitem__(i, str(err))):
+        results[index] = result
     t2i_images, t2i_texts, edit_images, edit_texts, outputs, inputs = [], [], [], [], [], []
     for request, result in zip(requests, results):
+        if result is None:
+            continue
         if request.task == "t2i":
             t2i_images += result.images
             t2i_texts += [request.prompt] * len(result.images)
@@ -66,7 +76,8 @@ def score_generation(engine: GenerationEngine, requests: Sequence[GenerationRequ
                          ("clip_i", scorer.clip_i(outputs, inputs))):
         if values:
             metrics[name] = sum(values) / len(values)
-    return GenerationScores(metrics=metrics, images=len(t2i_images) + len(edit_images), results=results)
+    return GenerationScores(metrics=metrics, images=len(t2i_images) + len(edit_images), results=results,
+                            refused=refused)
 
 
 def _open(image: Image.Image | bytes) -> Image.Image:

@@ -19,7 +19,7 @@ reused between calls): a server serialises calls to it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from transformers import DynamicCache, JanusForConditionalGeneration, StaticCache
@@ -27,9 +27,11 @@ from transformers import DynamicCache, JanusForConditionalGeneration, StaticCach
 from janus_lab.generation.requests import (
     GenerationLimits,
     GenerationRequest,
+    GenerationRequestError,
     GenerationResult,
     PreparedRequest,
     validate_batch,
+    validate_request,
 )
 from janus_lab.generation.sampling import GuidedSampler, ImageSampling
 from janus_lab.model.builders import JanusBundle
@@ -167,35 +169,62 @@ class GenerationEngine:
         return results
 
     def generate_in_batches(self, requests: Sequence[GenerationRequest], *, max_images: int | None = None,
-                            decode_images: bool = True) -> Iterator[tuple[int, GenerationResult]]:
+                            decode_images: bool = True,
+                            on_refused: Callable[[int, GenerationRequestError], None] | None = None,
+                            ) -> Iterator[tuple[int, GenerationResult]]:
         """Generates any number of requests, at most `max_images` images per engine batch.
 
-        Every request is validated here, before this returns, so a bad one stops the whole run
-        before any compute. Results do not depend on how the requests are split into batches.
+        Every request is validated here, before this returns. By default a bad one stops the
+        whole run before any compute; with `on_refused` (evaluation over a prompt set) it is
+        handed there with its error and left out, and the others run. Results do not depend on
+        how the requests are split into batches.
+
+        Args:
+            requests: the requests.
+            max_images: most images per engine batch (at most `limits.max_batch_images`).
+            decode_images: also decode the codes to PIL images.
+            on_refused: called with (request index, error) for each bad request, before any compute.
 
         Returns:
-            An iterator of (request index, result), in request order.
+            An iterator of (request index, result), in request order, the refused ones left out.
 
         Raises:
-            GenerationRequestError: a bad request (`requests[i].field`).
+            GenerationRequestError: a bad request (`requests[i].field`) without `on_refused`, or
+                an empty list of requests.
         """
         max_images = min(max_images or self.limits.max_batch_images, self.limits.max_batch_images)
-        prepared = validate_batch(requests, self.limits, self.builder, self.max_sequence_length,
-                                  check_batch_size=False)
-        return self._generate_chunks(prepared, max_images, decode_images)
+        if on_refused is None:
+            prepared = validate_batch(requests, self.limits, self.builder, self.max_sequence_length,
+                                      check_batch_size=False)
+            return self._generate_chunks(list(enumerate(prepared)), max_images, decode_images)
+        if isinstance(requests, GenerationRequest) or not isinstance(requests, Sequence) or not requests:
+            validate_batch(requests, self.limits, self.builder)  # raises the batch-level error
+        accepted = []
+        for index, request in enumerate(requests):
+            try:
+                accepted.append((index, validate_request(request, self.limits, self.builder,
+                                                         self.max_sequence_length)))
+            except GenerationRequestError as err:
+                on_refused(index, err.within(f"requests[{index}]"))
+        return self._generate_chunks(accepted, max_images, decode_images)
 
-    def _generate_chunks(self, prepared: list[PreparedRequest], max_images: int,
+    def _generate_chunks(self, prepared: list[tuple[int, PreparedRequest]], max_images: int,
                          decode_images: bool) -> Iterator[tuple[int, GenerationResult]]:
-        chunk: list[int] = []
+        chunk: list[tuple[int, PreparedRequest]] = []
         images = 0
-        for index, item in enumerate(prepared):
+        for index, item in prepared:
             if chunk and images + item.request.parallel_size > max_images:
-                yield from zip(chunk, self.generate_prepared([prepared[i] for i in chunk], decode_images=decode_images))
+                yield from self._generate_chunk(chunk, decode_images)
                 chunk, images = [], 0
-            chunk.append(index)
+            chunk.append((index, item))
             images += item.request.parallel_size
         if chunk:
-            yield from zip(chunk, self.generate_prepared([prepared[i] for i in chunk], decode_images=decode_images))
+            yield from self._generate_chunk(chunk, decode_images)
+
+    def _generate_chunk(self, chunk: list[tuple[int, PreparedRequest]],
+                        decode_images: bool) -> Iterator[tuple[int, GenerationResult]]:
+        results = self.generate_prepared([item for _, item in chunk], decode_images=decode_images)
+        yield from zip((index for index, _ in chunk), results)
 
     # ------------------------------------------------------------------ batch building
 

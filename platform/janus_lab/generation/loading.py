@@ -8,12 +8,21 @@ from pathlib import Path
 
 import torch
 
-from janus_lab.model.builders import JanusBundle, debug
+from janus_lab.model.builders import JanusBundle, debug, mini
 from janus_lab.model.weights import load_pretrained
 
 REGISTRY_SCHEME = "models:/"
 DEBUG_MODEL = "debug"
 """`model=debug`: the tiny random-weight preset, for smoke runs without a checkpoint."""
+MINI_MODEL = "mini"
+"""`model=mini`: the trained miniature base model shipped in the repo (draws, cannot edit)."""
+BUILT_IN_MODELS = {DEBUG_MODEL: debug, MINI_MODEL: mini}
+"""Models named by a word instead of a checkpoint: built in memory, no download."""
+
+
+def build_built_in(name: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> JanusBundle:
+    """`debug` or `mini`, float32 unless told otherwise."""
+    return BUILT_IN_MODELS[name](dtype=dtype or torch.float32, device=device)
 
 
 class ModelSourceError(ValueError):
@@ -68,15 +77,15 @@ def find_checkpoint_folder(root: Path, uri: str = "") -> Path:
 
 def load_generation_model(uri: str, device: str | torch.device = "cpu",
                           dtype: torch.dtype | None = None) -> JanusBundle:
-    """Loads the model a generation run names: a checkpoint, a registry URI or `debug`.
+    """Loads the model a generation run names: a checkpoint, a registry URI, `debug` or `mini`.
 
     Args:
-        uri: checkpoint folder, `s3://` prefix, `models:/name@alias`, or `debug`.
+        uri: checkpoint folder, `s3://` prefix, `models:/name@alias`, `debug` or `mini`.
         device: where the weights go.
-        dtype: parameter dtype (None: as saved; float32 for `debug`).
+        dtype: parameter dtype (None: as saved; float32 for the built-in models).
     """
-    if uri == DEBUG_MODEL:
-        return debug(dtype=dtype or torch.float32, device=device)
+    if uri in BUILT_IN_MODELS:
+        return build_built_in(uri, device, dtype)
     return load_pretrained(resolve_model_uri(uri), dtype=dtype, device=device)
 
 

@@ -22,6 +22,7 @@ from typing import Literal, Sequence
 import torch
 from PIL import Image
 
+from janus_lab.data.images import letterbox
 from janus_lab.generation.engine import GenerationEngine
 from janus_lab.generation.loading import load_generation_model
 from janus_lab.generation.requests import (
@@ -162,13 +163,13 @@ def _read_images(paths, folder: Path) -> list[bytes]:
 
 
 def contact_sheet(rows: Sequence[Sequence[Image.Image]], tile: int) -> Image.Image:
-    """Lays images out in rows on a white sheet, each scaled to `tile` x `tile`."""
+    """Lays images out in rows on a white sheet, each letterboxed to `tile` x `tile` (as the model sees it)."""
     columns = max((len(row) for row in rows), default=1)
     sheet = Image.new("RGB", (columns * (tile + SHEET_GAP) + SHEET_GAP, len(rows) * (tile + SHEET_GAP) + SHEET_GAP),
                       "white")
     for r, row in enumerate(rows):
         for c, image in enumerate(row):
-            thumb = image.convert("RGB").resize((tile, tile), Image.Resampling.BICUBIC)
+            thumb = letterbox(image, tile)
             sheet.paste(thumb, (SHEET_GAP + c * (tile + SHEET_GAP), SHEET_GAP + r * (tile + SHEET_GAP)))
     return sheet
 

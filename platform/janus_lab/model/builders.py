@@ -61,6 +61,7 @@ def janus_config(
     vq_base_channels: int,
     special_ids: SpecialTokenIds,
     max_positions: int = 16384,
+    vq_overrides: dict | None = None,
 ) -> JanusConfig:
     """Builds a consistent `JanusConfig`.
 
@@ -111,6 +112,7 @@ def janus_config(
         "channel_multiplier": list(VQ_CHANNEL_MULTIPLIER),
         "projection_dim": hidden_size,
         "image_token_embed_dim": hidden_size,
+        **(vq_overrides or {}),
     }
     return JanusConfig(
         text_config=text_config,
@@ -152,6 +154,46 @@ def debug(image_size: int = 64, seed: int = 0, dtype: torch.dtype = torch.float3
     return _instantiate(config, processor, "debug", seed, dtype, device)
 
 
+def _mini_config(special: SpecialTokenIds) -> JanusConfig:
+    from janus_lab.miniature.assets import MINI_VQ
+
+    return janus_config(
+        vocab_size=1024, hidden_size=192, num_layers=4, num_heads=6, intermediate_size=512,
+        image_size=64, vision_hidden=32, vision_layers=1, vision_heads=2,
+        vq_base_channels=MINI_VQ["base_channels"], special_ids=special, max_positions=1024,
+        vq_overrides=MINI_VQ,
+    )
+
+
+def mini(seed: int = 0, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+         pretrained: bool = True) -> JanusBundle:
+    """The miniature Janus-Pro: 4 layers, hidden 192, 64 px (16 codes), with its trained VQ tokenizer.
+
+    Its weights ship in the repo (`janus_lab/miniature/weights/`): the VQ tokenizer trained on
+    the miniature world and a base model pre-trained on its text-to-image data only. It draws
+    the world's scenes but has never seen an edit, as Janus-Pro before Janus-4o's fine-tune.
+
+    Args:
+        pretrained: load the shipped base model; false keeps a seeded random language model
+            (with the trained VQ tokenizer), what pre-training starts from.
+    """
+    from janus_lab.miniature.assets import load_mini_weights
+
+    tokenizer = build_debug_tokenizer()
+    special = SpecialTokenIds.from_tokenizer(tokenizer)
+    processor = build_processor(tokenizer, 64, 16)
+    bundle = _instantiate(_mini_config(special), processor, "mini" if pretrained else "mini-init",
+                          seed, torch.float32, "cpu")
+    load_mini_weights(bundle.model, language_model=pretrained)
+    bundle.model.to(device=device, dtype=dtype)
+    return bundle
+
+
+def mini_init(seed: int = 0, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> JanusBundle:
+    """The miniature architecture with its trained VQ tokenizer and a random language model."""
+    return mini(seed, dtype, device, pretrained=False)
+
+
 def _real_shape(preset: str, hidden: int, layers: int, heads: int, ffn: int, seed: int,
                 dtype: torch.dtype, device: str | torch.device, num_layers: int | None) -> JanusBundle:
     # Random init at the released shapes; the tokenizer is the local one (any vocabulary that
@@ -185,6 +227,8 @@ def janus_pro_7b(seed: int = 0, dtype: torch.dtype = torch.bfloat16, device: str
 
 PRESETS: dict[str, Callable[..., JanusBundle]] = {
     "debug": debug,
+    "mini": mini,
+    "mini-init": mini_init,
     "janus-pro-1b": janus_pro_1b,
     "janus-pro-7b": janus_pro_7b,
 }

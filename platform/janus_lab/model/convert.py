@@ -27,7 +27,7 @@ from transformers import (
 )
 
 from janus_lab.model.builders import janus_config
-from janus_lab.model.tokenizer import BOI_TOKEN, EOI_TOKEN, IMAGE_TOKEN, SpecialTokenIds, build_processor
+from janus_lab.model.tokenizer import BOI_TOKEN, EOI_TOKEN, IMAGE_TOKEN, PAD_TOKEN, SpecialTokenIds, build_processor
 
 # (DeepSeek pattern, transformers pattern). `{n}` stands for a layer index. Order matters: the
 # first rule whose pattern matches a key renames it. Fused qkv is split separately.
@@ -59,8 +59,10 @@ _VQ_RENAMES: list[tuple[str, str]] = [
     (".mid.1.", ".mid.attn_1."),
     (".mid.2.", ".mid.block_2."),
 ]
-# Tensors the transformers model has no use for.
-_DROPPED = (re.compile(r"^vision_model\.vision_tower\.attn_pool\."), re.compile(r"\.quantize\.codebook_used$"))
+# Tensors the transformers model has no use for (older transformers also saved RoPE's inverse
+# frequencies, which are recomputed from the config).
+_DROPPED = (re.compile(r"^vision_model\.vision_tower\.attn_pool\."), re.compile(r"\.quantize\.codebook_used$"),
+            re.compile(r"\.rotary_emb\.inv_freq$"))
 _QKV = re.compile(r"^vision_model\.vision_tower\.blocks\.(\d+)\.attn\.qkv\.(weight|bias)$")
 _QKV_HF = re.compile(r"^model\.vision_model\.encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)$")
 
@@ -151,27 +153,60 @@ def convert_state_dict_to_deepseek(state: dict[str, torch.Tensor]) -> dict[str, 
 # SigLIP-L/16 at 384 px: what `siglip_large_patch16_384` in a DeepSeek config means.
 _SIGLIP_LARGE = {"width": 1024, "layers": 24, "heads": 16}
 
+# DeepSeek's code builds its language model from `LlamaConfig(**language_config)`, so a key that
+# config.json leaves out means LlamaConfig's default. Janus-Pro-7B relies on it: its
+# language_config names only layers, vocab and positions. These are those defaults, the same in
+# every transformers release since Llama was added.
+_LLAMA_DEFAULTS = {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+                   "num_attention_heads": 32, "max_position_embeddings": 2048}
+# Also LlamaConfig defaults, and the only values `janus_config` builds: a config that sets one
+# otherwise is refused rather than converted into a model that computes something else.
+_LLAMA_FIXED = {"hidden_act": "silu", "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "rope_scaling": None}
+
+
+def _require(config: dict, section: str, key: str, expected) -> None:
+    value = config.get(section, {}).get("params", {}).get(key, expected)
+    if value != expected:
+        raise ValueError(f"{section}.params.{key}={value!r}; janus-lab converts {expected!r} only")
+
 
 def hf_config_from_deepseek(config: dict, special: SpecialTokenIds) -> JanusConfig:
     """Builds a `JanusConfig` from a DeepSeek `multi_modality` config.json.
 
+    Language-model keys the file leaves out take LlamaConfig's defaults, as in DeepSeek's code.
     Vision width/layers/heads default to SigLIP-L; the optional `width`/`layers`/`heads` and
     `base_channels` params are janus-lab's own, for small test models.
+
+    Raises:
+        ValueError: not a DeepSeek config, or one that describes another architecture.
     """
     if config.get("model_type") != "multi_modality":
         raise ValueError(f"expected a DeepSeek multi_modality config, got model_type={config.get('model_type')!r}")
-    lang = config["language_config"]
+    lang = {**_LLAMA_DEFAULTS, **config["language_config"]}
+    for key, expected in _LLAMA_FIXED.items():
+        if lang.get(key, expected) != expected:
+            raise ValueError(f"language_config.{key}={lang[key]!r}; janus-lab converts {expected!r} only")
+    heads = lang["num_attention_heads"]
+    if lang.get("num_key_value_heads", heads) != heads:
+        raise ValueError(f"language_config.num_key_value_heads={lang['num_key_value_heads']} differs from "
+                         f"num_attention_heads={heads}; janus-lab converts multi-head attention only")
+    hidden = lang["hidden_size"]
     vision = {**_SIGLIP_LARGE, **config["vision_config"]["params"]}
     gen_vision = config["gen_vision_config"]["params"]
-    for section, key, expected in (("gen_vision_config", "n_embed", 8), ("gen_vision_config", "image_token_size", 16384)):
-        if config[section]["params"].get(key, expected) != expected:
-            raise ValueError(f"{section}.params.{key}={config[section]['params'][key]}; janus-lab expects {expected}")
+    for section, key, expected in (
+        ("vision_config", "model_name", "siglip_large_patch16_384"), ("vision_config", "select_layer", -1),
+        ("gen_vision_config", "n_embed", 8), ("gen_vision_config", "image_token_size", 16384),
+        # The heads and aligners are as wide as the language model: a check on the defaults above.
+        ("aligner_config", "n_embed", hidden), ("gen_aligner_config", "n_embed", hidden),
+        ("gen_head_config", "n_embed", hidden), ("gen_head_config", "image_token_embed", hidden),
+    ):
+        _require(config, section, key, expected)
     return janus_config(
-        vocab_size=lang["vocab_size"], hidden_size=lang["hidden_size"], num_layers=lang["num_hidden_layers"],
-        num_heads=lang["num_attention_heads"], intermediate_size=lang["intermediate_size"],
+        vocab_size=lang["vocab_size"], hidden_size=hidden, num_layers=lang["num_hidden_layers"],
+        num_heads=heads, intermediate_size=lang["intermediate_size"],
         image_size=vision.get("image_size", 384), vision_hidden=vision["width"], vision_layers=vision["layers"],
         vision_heads=vision["heads"], vq_base_channels=gen_vision.get("base_channels", 128), special_ids=special,
-        max_positions=lang.get("max_position_embeddings", 16384),
+        max_positions=lang["max_position_embeddings"],
     )
 
 
@@ -222,6 +257,31 @@ def _read_weights(folder: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
     return state
 
 
+def model_from_deepseek(config: dict, state: dict[str, torch.Tensor],
+                        special: SpecialTokenIds) -> JanusForConditionalGeneration:
+    """The transformers model holding a DeepSeek-layout checkpoint's tensors (assigned, not copied).
+
+    Args:
+        config: the DeepSeek `multi_modality` config.json.
+        state: its state dict, DeepSeek names (meta tensors work: nothing is computed).
+        special: the tokenizer's special ids (they go into the text config).
+
+    Raises:
+        ValueError: the tensors do not match the architecture the config describes.
+    """
+    hf_config = hf_config_from_deepseek(config, special)
+    state = convert_state_dict_to_hf(state)
+    with torch.device("meta"):
+        model = JanusForConditionalGeneration(hf_config)
+    expected = set(model.state_dict())
+    missing, unexpected = expected - set(state), set(state) - expected
+    if missing or unexpected:
+        raise ValueError(f"converted weights do not match the model: missing {sorted(missing)[:5]}, "
+                         f"unexpected {sorted(unexpected)[:5]}")
+    model.load_state_dict(state, assign=True, strict=True)
+    return model
+
+
 def convert_deepseek_checkpoint(src: str | Path, dst: str | Path, allow_pickle: bool = False) -> Path:
     """Converts a DeepSeek-layout Janus folder into a transformers-layout folder (safetensors).
 
@@ -238,18 +298,12 @@ def convert_deepseek_checkpoint(src: str | Path, dst: str | Path, allow_pickle: 
     tokenizer = AutoTokenizer.from_pretrained(
         src, extra_special_tokens={"image_token": IMAGE_TOKEN, "boi_token": BOI_TOKEN, "eoi_token": EOI_TOKEN},
     )
+    # DeepSeek's processor pads with PAD_TOKEN whatever the tokenizer's pad_token says; the
+    # converted tokenizer says so itself, so nothing downstream can pick another pad.
+    tokenizer.pad_token = PAD_TOKEN
     special = SpecialTokenIds.from_tokenizer(tokenizer)
-    hf_config = hf_config_from_deepseek(config, special)
-    state = convert_state_dict_to_hf(_read_weights(src, allow_pickle))
-    with torch.device("meta"):
-        model = JanusForConditionalGeneration(hf_config)
-    expected = set(model.state_dict())
-    missing, unexpected = expected - set(state), set(state) - expected
-    if missing or unexpected:
-        raise ValueError(f"converted weights do not match the model: missing {sorted(missing)[:5]}, "
-                         f"unexpected {sorted(unexpected)[:5]}")
-    model.load_state_dict(state, assign=True, strict=True)
-    image_size = hf_config.vision_config.image_size
+    model = model_from_deepseek(config, _read_weights(src, allow_pickle), special)
+    image_size = model.config.vision_config.image_size
     processor: JanusProcessor = build_processor(tokenizer, image_size, (image_size // 16) ** 2)
     dst.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(dst, safe_serialization=True)

@@ -93,23 +93,36 @@ class SequenceBuilder:
     def _encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
-    def prompt_tokens(self, prompt: str) -> list[int]:
-        """Tokenises a prompt with the assistant suffix, checking it is usable.
+    def _checked_prompt(self, prompt: str) -> tuple[str, list[int]]:
+        """The prompt as the template holds it, and its tokens.
+
+        Every prompt enters the sequence through here. It is stripped, as DeepSeek's chat
+        template strips a message's content, so " a cat\n" and "a cat" are the same sample.
 
         Raises:
             ValueError: empty prompt.
             PromptTooLongError: more tokens than `max_text_tokens`.
         """
-        if not prompt or not prompt.strip():
+        text = prompt.strip() if prompt else ""
+        if not text:
             raise ValueError("prompt is empty")
-        ids = self._encode(prompt)
+        ids = self._encode(text)
         if self.max_text_tokens is not None and len(ids) > self.max_text_tokens:
             raise PromptTooLongError(f"prompt has {len(ids)} tokens, more than the limit of {self.max_text_tokens}")
-        return ids + self._encode(ASSISTANT_SUFFIX)
+        return text, ids
+
+    def prompt_tokens(self, prompt: str) -> list[int]:
+        """Tokenises a prompt (stripped) with the assistant suffix, checking it is usable.
+
+        Raises:
+            ValueError: empty prompt.
+            PromptTooLongError: more tokens than `max_text_tokens`.
+        """
+        return self._checked_prompt(prompt)[1] + self._encode(ASSISTANT_SUFFIX)
 
     def _user_prefix_and(self, prompt: str) -> list[int]:
-        self.prompt_tokens(prompt)  # validates emptiness and length
-        return self._encode(USER_PREFIX + prompt + ASSISTANT_SUFFIX)
+        text, _ = self._checked_prompt(prompt)
+        return self._encode(USER_PREFIX + text + ASSISTANT_SUFFIX)
 
     def _check_codes(self, codes: Sequence[int], what: str) -> list[int]:
         codes = [int(c) for c in codes]

@@ -58,22 +58,33 @@ class SpecialTokenIds:
     def from_tokenizer(cls, tokenizer) -> "SpecialTokenIds":
         """Reads the ids from a tokenizer carrying the Janus special tokens.
 
+        The pad id is the vocabulary id of `PAD_TOKEN`, as DeepSeek's processor looks it up,
+        whatever `tokenizer.pad_token` says: it builds CFG's unconditional rows and the text
+        drop, so a tokenizer that pads with another token would silently change both.
+
         Raises:
-            ValueError: if one of the tokens is missing from the vocabulary.
+            ValueError: one of the tokens is missing from the vocabulary, or the tokenizer's
+                `pad_token` is set to a token other than `PAD_TOKEN`.
         """
+        vocab = tokenizer.get_vocab()  # added tokens included, like DeepSeek's `tokenizer.vocab`
         ids = {}
         for name, token in (
             ("bos", tokenizer.bos_token),
             ("eos", tokenizer.eos_token),
-            ("pad", tokenizer.pad_token),
+            ("pad", PAD_TOKEN),
             ("image", getattr(tokenizer, "image_token", IMAGE_TOKEN)),
             ("boi", getattr(tokenizer, "boi_token", BOI_TOKEN)),
             ("eoi", getattr(tokenizer, "eoi_token", EOI_TOKEN)),
         ):
-            token_id = tokenizer.convert_tokens_to_ids(token) if token is not None else None
-            if token_id is None or token_id == tokenizer.unk_token_id:
+            token_id = vocab.get(token) if token is not None else None
+            if token_id is None:
                 raise ValueError(f"tokenizer has no {name} token ({token!r}); is this a Janus tokenizer?")
             ids[name] = int(token_id)
+        if tokenizer.pad_token is not None and tokenizer.pad_token_id != ids["pad"]:
+            raise ValueError(
+                f"tokenizer.pad_token is {tokenizer.pad_token!r} (id {tokenizer.pad_token_id}) but Janus pads with "
+                f"{PAD_TOKEN!r} (id {ids['pad']}), the id DeepSeek's processor builds CFG's unconditional rows and "
+                f"the text drop from; set tokenizer.pad_token = {PAD_TOKEN!r} and save the tokenizer again")
         return cls(**ids)
 
 

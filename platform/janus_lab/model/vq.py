@@ -13,19 +13,20 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import JanusForConditionalGeneration, JanusVQVAE
 
+from janus_lab.data.images import letterbox
 from janus_lab.model.tokenizer import IMAGE_MEAN, IMAGE_STD
 
 
 def image_to_tensor(image: Image.Image, image_size: int) -> torch.Tensor:
-    """Converts an image to the model's input: RGB, resized to a square side, in [-1, 1].
+    """Converts an image to the model's input: RGB, letterboxed to a square side, in [-1, 1].
+
+    The same square as ingest stores (`janus_lab.data.images.letterbox`), so an image fed at
+    inference matches the training inputs and targets.
 
     Returns:
         A float tensor of shape (3, image_size, image_size).
     """
-    rgb = image.convert("RGB")
-    if rgb.size != (image_size, image_size):
-        rgb = rgb.resize((image_size, image_size), Image.Resampling.BICUBIC)
-    array = np.asarray(rgb, dtype=np.float32) / 255.0
+    array = np.asarray(letterbox(image, image_size), dtype=np.float32) / 255.0
     mean = np.asarray(IMAGE_MEAN, dtype=np.float32)
     std = np.asarray(IMAGE_STD, dtype=np.float32)
     return torch.from_numpy(((array - mean) / std).transpose(2, 0, 1).copy())

@@ -6,6 +6,7 @@ refused; `janus_lab.model.convert` turns a trusted one into safetensors once.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -28,6 +29,7 @@ def resolve_checkpoint(uri: str | os.PathLike, cache_dir: str | os.PathLike | No
 
     Raises:
         FileNotFoundError: the folder does not exist or has no config.json.
+        ValueError: the folder is in DeepSeek's original layout (convert it first).
         PickleCheckpointError: the weights are pickle files only.
     """
     folder = download_prefix(str(uri), cache_dir) if is_s3_uri(uri) else Path(uri)
@@ -35,6 +37,11 @@ def resolve_checkpoint(uri: str | os.PathLike, cache_dir: str | os.PathLike | No
         raise FileNotFoundError(f"checkpoint folder {uri} does not exist")
     if not (folder / "config.json").exists():
         raise FileNotFoundError(f"{uri} has no config.json; expected a Hugging Face format checkpoint folder")
+    if json.loads((folder / "config.json").read_text()).get("model_type") == "multi_modality":
+        # transformers would build a default JanusConfig from it and leave every weight at random init.
+        raise ValueError(f"{uri} is a checkpoint in DeepSeek's original layout (model_type multi_modality, as "
+                         "deepseek-ai/Janus-Pro-* and Janus-4o-7B ship); convert it once with "
+                         "`python -m janus_lab.model.convert SRC DST` and load DST")
     safetensors = list(folder.glob("*.safetensors"))
     pickles = [p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
     if not safetensors:

@@ -27,14 +27,14 @@ from ray import serve
 
 from janus_lab.generation import GenerationEngine, GenerationRequest, GenerationRequestError, PreparedRequest
 from janus_lab.generation.loading import (
-    DEBUG_MODEL,
+    BUILT_IN_MODELS,
     RegisteredVersion,
+    build_built_in,
     registered_version,
     resolve_model_uri,
 )
 from janus_lab.generation.offline import resolve_device_and_dtype
 from janus_lab.generation.requests import validate_request
-from janus_lab.model.builders import debug
 from janus_lab.model.weights import load_pretrained
 from janus_lab.serving.settings import ModelUserConfig, ServeArgs
 
@@ -78,8 +78,8 @@ def load_model(args: ServeArgs, max_batch_size: int) -> LoadedModel:
     """Loads what `args.model` points at now (blocking: downloads and reads the weights)."""
     device, dtype = resolve_device_and_dtype(args.device, args.dtype)
     limits = args.limits.generation_limits(max_batch_size)
-    if args.model == DEBUG_MODEL:
-        bundle, version, folder, source = debug(dtype=dtype, device=device), None, None, DEBUG_MODEL
+    if args.model in BUILT_IN_MODELS:
+        bundle, version, folder, source = build_built_in(args.model, device, dtype), None, None, args.model
     else:
         version = registered_version(args.model)
         source = version.uri if version else args.model

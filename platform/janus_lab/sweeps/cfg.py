@@ -44,17 +44,17 @@ def pin_model(uri: str, tracking_uri: str) -> str:
 
     Returns:
         `models:/name/<version>` for a registry URI (the alias's version now), an absolute path
-        for a local folder, the URI itself for `s3://` and `debug`.
+        for a local folder, the URI itself for `s3://`, `debug` and `mini`.
 
     Raises:
         SweepError: the registered model, alias, version, folder or prefix does not exist.
     """
     from mlflow import MlflowClient
 
-    from janus_lab.generation.loading import DEBUG_MODEL, ModelSourceError, registered_version
+    from janus_lab.generation.loading import BUILT_IN_MODELS, ModelSourceError, registered_version
     from janus_lab.model.weights import resolve_checkpoint
 
-    if uri == DEBUG_MODEL:
+    if uri in BUILT_IN_MODELS:
         return uri
     try:
         version = registered_version(uri, MlflowClient(tracking_uri))
@@ -214,6 +214,8 @@ def _score_cell(cell: dict, requests: list, model_uri: str, clip_model: str, par
     scorer = ClipScorer.load(clip_model, device)
     scored = with_settings(requests, cell, parallel_size)
     scores = score_generation(engine, scored, scorer, batch_images=limits.max_batch_images)
+    for index, reason in scores.refused.items():  # the same prompts in every cell, so cells stay comparable
+        print(f"{cell_label(cell)}: prompt {index} refused ({reason})", flush=True)
     rows = [[Image.open(io.BytesIO(x)) if isinstance(x, bytes) else x for x in request.input_images] + result.images
-            for request, result in zip(scored, scores.results)]
+            for request, result in zip(scored, scores.results) if result is not None]  # None: refused
     return scores.metrics, contact_sheet(rows, bundle.image_size), scorer.label

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from janus_lab.config import ExperimentConfig, flatten, to_dict
-from janus_lab.data.stream import epoch_dataset, read_manifest, split_size, steps_per_epoch
+from janus_lab.data.stream import DatasetLayout, read_manifest, scan_layout, split_size, steps_per_epoch
 from janus_lab.storage import is_s3_uri, pyarrow_filesystem, strip_scheme
 from janus_lab.train.loop import LoopPlan, train_loop_per_worker
 
@@ -65,6 +65,12 @@ def preflight(cfg: ExperimentConfig) -> tuple[dict, int, int, int]:
     if tokens is not None and int(tokens) != expected:
         raise PreflightError(f"{cfg.data.uri} was ingested with {tokens} codes per image but model.image_size="
                              f"{cfg.model.image_size} uses {expected}; re-ingest or change model.image_size")
+    ingest_cap = manifest.get("limits", {}).get("max_text_tokens", {}).get("limit")
+    if ingest_cap is not None and int(ingest_cap) > cfg.data.max_text_tokens:
+        # The stream would stop the whole run at the first longer prompt, possibly hours in.
+        raise PreflightError(f"{cfg.data.uri} holds prompts of up to {ingest_cap} tokens (its ingest's "
+                             f"limits.max_text_tokens) but data.max_text_tokens={cfg.data.max_text_tokens}; "
+                             f"set data.max_text_tokens={ingest_cap} or re-ingest with a lower limit")
     encoded_by = manifest.get("model", {})
     if not cfg.model.weights and encoded_by.get("init_seed") is not None and int(encoded_by["init_seed"]) != cfg.train.seed:
         raise PreflightError(
@@ -81,6 +87,20 @@ def preflight(cfg: ExperimentConfig) -> tuple[dict, int, int, int]:
     if cfg.train.max_steps:
         total = min(total, cfg.train.max_steps)
     return manifest, per_epoch, total, split_size(manifest, "val")
+
+
+def dataset_layout(uri: str, manifest: dict) -> DatasetLayout:
+    """The dataset's row groups (what workers read), checked against its manifest's counts.
+
+    Raises:
+        PreflightError: the shards hold other rows than the manifest says.
+    """
+    layout = scan_layout(uri, manifest)
+    for split in ("train", "val"):
+        if layout.rows(split) != split_size(manifest, split):
+            raise PreflightError(f"{uri}: its shards hold {layout.rows(split)} {split} rows but its manifest says "
+                                 f"{split_size(manifest, split)}; the folder was changed after ingest: re-ingest it")
+    return layout
 
 
 def scaling_config(cfg: ExperimentConfig):
@@ -117,6 +137,7 @@ def run_finetune(cfg: ExperimentConfig, run: "RunLogger | None" = None, callback
                                     resolve_tracking_uri)
 
     manifest, per_epoch, total, val_rows = preflight(cfg)
+    layout = dataset_layout(cfg.data.uri, manifest)
     storage_path, storage_fs = _storage(cfg.train.storage_path)
     run_dir = f"{cfg.train.storage_path.rstrip('/')}/{cfg.name}"
     export_uri = f"{run_dir}/export"
@@ -157,14 +178,8 @@ def run_finetune(cfg: ExperimentConfig, run: "RunLogger | None" = None, callback
     logger.log_text(json.dumps(manifest, indent=2), "dataset/_manifest.json")
     plan = LoopPlan(config=to_dict(cfg), steps_per_epoch=per_epoch, total_steps=total, val_rows=val_rows,
                     tracking_uri=tracking_uri, run_id=logger.run_id, export_uri=export_uri,
-                    sample_prompts=list(DEFAULT_SAMPLE_PROMPTS))
-    epochs_needed = -(-total // per_epoch)
-    datasets = {f"train_{e}": epoch_dataset(cfg.data.uri, "train", e, cfg.data.shuffle_seed)
-                for e in range(epochs_needed)}
-    if val_rows:
-        datasets["val"] = epoch_dataset(cfg.data.uri, "val", 0, cfg.data.shuffle_seed)
-    ingest = ray.train.DataConfig.default_ingest_options()
-    ingest.preserve_order = True  # the order is part of what makes a resume exact
+                    sample_prompts=list(DEFAULT_SAMPLE_PROMPTS), layout=layout)
+    # No Ray Datasets: each worker reads its own part of every epoch (`janus_lab.data.stream`).
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=plan.to_dict(),
@@ -176,8 +191,6 @@ def run_finetune(cfg: ExperimentConfig, run: "RunLogger | None" = None, callback
             worker_runtime_env={"env_vars": forwarded_env() | {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
             callbacks=list(callbacks),
         ),
-        datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=[], execution_options=ingest),
     )
     print(f"fine-tuning {cfg.name}: {total} steps ({per_epoch} per epoch), {cfg.train.num_workers} workers, "
           f"MLflow run {logger.run_url()}", flush=True)

@@ -10,13 +10,14 @@ from __future__ import annotations
 import math
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.distributed as dist
 
-from janus_lab.config import ExperimentConfig, from_dict
-from janus_lab.data.stream import StreamSpec, micro_batches
+from janus_lab.config import ExperimentConfig, TrainConfig, from_dict
+from janus_lab.data.stream import (DatasetLayout, StreamSpec, epoch_micro_batches, epoch_order_signature,
+                                   micro_batches, read_split)
 from janus_lab.model.builders import JanusBundle
 from janus_lab.model.weights import build_bundle
 from janus_lab.model.sequence import SequenceBuilder
@@ -48,19 +49,34 @@ class LoopPlan:
     """Where the final Hugging Face export goes (local path or s3://)."""
     sample_prompts: list[str] = field(default_factory=list)
     """Fixed prompts for the sample grid at each validation."""
+    layout: DatasetLayout | None = None
+    """The dataset's row groups and footers (`scan_layout`): what each worker reads its part from."""
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        # Shallow: the layout travels as itself (Ray pickles it), footers included.
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-def build_optimizer(objective: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW; biases and norm weights (1-D tensors) get no weight decay."""
-    decay, no_decay = [], []
-    for param in objective.parameters():
+def is_decayed(name: str, param: torch.Tensor, exempt: str) -> bool:
+    """Whether AdamW decays a parameter, under `train.weight_decay_exempt`.
+
+    Biases are the `.bias` tensors; norm weights are the other 1-D ones (Janus has no other
+    1-D parameter).
+    """
+    if name.endswith(".bias"):
+        return False
+    return exempt == "biases" or param.ndim >= 2
+
+
+def build_optimizer(objective: torch.nn.Module, train: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters: lr, betas and weight decay from `train`, two groups
+    (decayed, exempt; see `is_decayed`)."""
+    decay, exempt = [], []
+    for name, param in objective.named_parameters():
         if param.requires_grad:
-            (no_decay if param.ndim < 2 else decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8)
+            (decay if is_decayed(name, param, train.weight_decay_exempt) else exempt).append(param)
+    groups = [{"params": decay, "weight_decay": train.weight_decay}, {"params": exempt, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=train.lr, betas=train.betas, eps=1e-8)
 
 
 def gradient_sync(micro_batch: int, accumulation: int, every_micro_batch: bool) -> bool:
@@ -100,10 +116,11 @@ def train_loop_per_worker(plan_dict: dict) -> None:
     objective = prepare_for_training(bundle.model, device, freeze_vision=cfg.model.freeze_vision,
                                      activation_checkpointing=cfg.train.activation_checkpointing)
     num_params = trainable_parameters(objective)
-    optimizer = build_optimizer(objective, cfg.train.lr, cfg.train.weight_decay)
+    optimizer = build_optimizer(objective, cfg.train)
     scheduler = build_scheduler(optimizer, plan.total_steps, cfg.train.warmup_ratio, cfg.train.min_lr_ratio)
     state = TrainState(objective, optimizer, scheduler, rank)
-    geometry = data_geometry(world, cfg.train.micro_batch_size, cfg.train.global_batch_size, cfg.train.seed)
+    order = epoch_order_signature(plan.layout, cfg.data.shuffle_seed, cfg.data.shuffle_window_rows)
+    geometry = data_geometry(world, cfg.train.micro_batch_size, cfg.train.global_batch_size, cfg.train.seed, order)
     state.progress.geometry = geometry
 
     checkpoint = ray.train.get_checkpoint()
@@ -122,8 +139,9 @@ def train_loop_per_worker(plan_dict: dict) -> None:
     peak = _peak_flops(device)
     window = _Window()
 
-    # The validation split is small and read at every evaluation: read it once.
-    val_rows = list(ray.train.get_dataset_shard("val").iter_rows()) if plan.val_rows else []
+    # The validation split is small and read at every evaluation: read it once. Every rank
+    # evaluates all of it; ingest keeps it in row groups of its own, so that is all it fetches.
+    val_rows = read_split(plan.layout, "val") if plan.val_rows else []
 
     def evaluate(step: int) -> dict:
         """Validation metrics (returned, logged by the caller) and a sample grid (logged here)."""
@@ -144,14 +162,16 @@ def train_loop_per_worker(plan_dict: dict) -> None:
     progress = state.progress
     while progress.step < plan.total_steps:
         epoch = progress.epoch
+        # Length grouping within one optimizer step's micro-batches only, so that it never
+        # moves a sample from one step into another.
         spec = StreamSpec(epoch=epoch, rank=rank, world_size=world, micro_batch_size=cfg.train.micro_batch_size,
                           masking_seed=cfg.masking.seed, t2i_text_drop=cfg.masking.t2i_text_drop,
-                          ti2i_image_drop=cfg.masking.ti2i_image_drop)
-        rows = ray.train.get_dataset_shard(f"train_{epoch}").iter_rows()
+                          ti2i_image_drop=cfg.masking.ti2i_image_drop, group_window=accumulation,
+                          shuffle_seed=cfg.data.shuffle_seed, shuffle_window_rows=cfg.data.shuffle_window_rows)
         steps_this_epoch = min(plan.steps_per_epoch, plan.total_steps - progress.step
                                + progress.micro_batches_in_epoch // accumulation)
-        stream = micro_batches(rows, builder, spec, skip=progress.micro_batches_in_epoch,
-                               limit=steps_this_epoch * accumulation)
+        stream = epoch_micro_batches(plan.layout, builder, spec, skip=progress.micro_batches_in_epoch,
+                                     limit=steps_this_epoch * accumulation)
         for batch in stream:
             batch = {k: v.to(device) for k, v in batch.items()}
             task_is_t2i = batch.pop("task_is_t2i")
@@ -217,7 +237,7 @@ def validate(objective, builder: SequenceBuilder, val_rows: list[dict], cfg: Exp
     """
     objective.eval()
     sums = {"t2i": [0.0, 0.0, 0.0], "ti2i": [0.0, 0.0, 0.0]}  # nll, correct, tokens
-    spec = StreamSpec(epoch=0, rank=0, world_size=1, micro_batch_size=cfg.train.micro_batch_size)
+    spec = StreamSpec(epoch=0, rank=0, world_size=1, micro_batch_size=cfg.train.micro_batch_size, group_window=16)
     for batch in micro_batches(val_rows, builder, spec):
         batch = {k: v.to(device) for k, v in batch.items()}
         is_t2i = batch.pop("task_is_t2i")

@@ -27,15 +27,21 @@ class Progress:
     micro_batches_in_epoch: int = 0
     """Micro-batches of the current epoch this rank has consumed."""
     geometry: str = ""
-    """Workers, micro-batch, global batch and seed the position above counts in (`data_geometry`);
-    empty in checkpoints written before it was recorded."""
+    """Workers, micro-batch, global batch, seed and epoch order the position above counts in
+    (`data_geometry`); empty in checkpoints written before it was recorded."""
 
 
-def data_geometry(world_size: int, micro_batch_size: int, global_batch_size: int, seed: int) -> str:
+def data_geometry(world_size: int, micro_batch_size: int, global_batch_size: int, seed: int,
+                  order: str = "") -> str:
     """What a data position depends on: the same micro-batch count means the same samples only
-    when all of these are the same."""
-    return (f"{world_size} workers x micro-batch {micro_batch_size}, global batch {global_batch_size}, "
-            f"seed {seed}")
+    when all of these are the same.
+
+    Args:
+        order: what fixes the order of an epoch's rows (`stream.epoch_order_signature`).
+    """
+    geometry = (f"{world_size} workers x micro-batch {micro_batch_size}, global batch {global_batch_size}, "
+                f"seed {seed}")
+    return f"{geometry}; {order}" if order else geometry
 
 
 class ResumeMismatchError(RuntimeError):
@@ -97,6 +103,6 @@ class TrainState(Stateful):
             raise ResumeMismatchError(
                 f"checkpoint {folder} (step {self.progress.step}) was written by a run with {saved}; this run "
                 f"has {geometry}. Its data position would not match: resume with the same "
-                "train.num_workers, train.micro_batch_size, train.global_batch_size and train.seed, "
-                "or start a new run (another `name`).")
+                "train.num_workers, train.micro_batch_size, train.global_batch_size, train.seed, "
+                "data.shuffle_seed, data.shuffle_window_rows and dataset, or start a new run (another `name`).")
         self.progress.geometry = geometry or saved
