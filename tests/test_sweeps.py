@@ -206,6 +206,23 @@ def test_results_table_as_csv_and_markdown():
     assert table.best("val_nll", "max")["run_id"] == "run0"
 
 
+def test_seeds_are_averaged_into_mean_and_spread(tmp_path):
+    table = ResultsTable(params=["masking.t2i_text_drop", "train.seed"], metrics=["val_nll"])
+    for drop, seed, nll in [(0.0, 0, 2.0), (0.0, 1, 2.2), (0.5, 0, 1.0), (0.5, 1, 1.6)]:
+        table.add({"masking.t2i_text_drop": drop, "train.seed": seed}, {"val_nll": nll}, "done", f"r{drop}{seed}")
+    means = table.aggregated()
+    assert [(r["masking.t2i_text_drop"], r["train.seed"]) for r in means.rows] == [(0.0, "0,1"), (0.5, "0,1")]
+    assert means.rows[0]["val_nll"] == pytest.approx(2.1)
+    assert means.rows[1]["val_nll_std"] == pytest.approx(0.4243, abs=1e-4)
+    best = means.best("val_nll", "min")
+    assert best is means.rows[1] and best["run_id"] == "r0.50 r0.51"
+    markdown = means.to_markdown(best)
+    assert "val_nll (mean ± sd)" in markdown.splitlines()[0]
+    assert "| 0.5 | 0,1 | 1.3 ± 0.42 (n=2) | done * |" in markdown
+    assert table_2x2().aggregated().rows == table_2x2().rows  # no seed key: unchanged
+    means.save_heatmap(tmp_path / "means.png", "val_nll", "min")
+
+
 def test_heatmaps_for_two_and_three_grid_keys(tmp_path):
     path = table_2x2().save_heatmap(tmp_path / "heatmap.png", "val_nll", "min", note="a note")
     with Image.open(path) as image:

@@ -358,6 +358,8 @@ class IngestConfig:
 
 DEFAULT_MASKING_GRID = {"masking.t2i_text_drop": [0.0, 0.1, 0.25], "masking.ti2i_image_drop": [0.0, 0.25, 0.5, 0.75]}
 DEFAULT_CFG_GRID = {"cfg_weight": [1.0, 3.0, 5.0, 7.0], "cfg_weight2": [1.0, 3.0, 5.0], "temperature": [0.8, 1.0]}
+WORLD_SWEEP_METRICS = ("world_t2i", "world_edit", "world_following", "world_preservation", "world_mean")
+"""What a CFG sweep with `scorer: world` reports (`world_mean` averages text-to-image and edit)."""
 SAMPLING_KEYS = ("cfg_weight", "cfg_weight2", "temperature", "top_k", "top_p")
 """Generation request fields a CFG sweep may search over (and its best-settings YAML holds)."""
 
@@ -447,10 +449,15 @@ class CfgSweepConfig:
     """Held-out prompt set: JSONL of requests, T2I and edit (`input_images` relative to the file)."""
     clip_model: str = "debug"
     """CLIP folder (Hugging Face layout, local or `s3://`) for CLIP-T / CLIP-I; `debug` = a tiny random CLIP."""
+    scorer: Literal["clip", "world"] = "clip"
+    """`clip` for real images; `world` for the miniature world: the exact scorer reads every image
+    against the targets beside the prompt file (`targets.jsonl`, `jobs/sample_data.py --world
+    mini --eval-requests`), and metrics are world_t2i, world_edit, world_following, world_preservation."""
     grid: dict[str, list[Any]] = dataclasses.field(default_factory=lambda: dict(DEFAULT_CFG_GRID))
     """Sampling fields (cfg_weight, cfg_weight2, temperature, top_k, top_p) -> values; one trial each."""
     metric: str = "clip_t"
-    """Score that picks the best setting: clip_t (prompt-image) or clip_i (edit input-output)."""
+    """Score that picks the best setting: clip_t (prompt-image) or clip_i (edit input-output); with
+    `scorer: world`, one of world_t2i, world_edit, world_following, world_preservation, world_mean."""
     mode: Literal["min", "max"] = "max"
     """Whether lower (min) or higher (max) `metric` is better."""
     parallel_size: int = 2
@@ -471,8 +478,10 @@ class CfgSweepConfig:
         _check_not_empty(self, "name", "model", "prompts", "clip_model")
         _check_positive(self, "parallel_size", "batch_images")
         _check_non_negative(self, "seed")
-        if self.metric not in ("clip_t", "clip_i"):
-            raise ValueError(f"metric must be clip_t or clip_i, got {self.metric!r}")
+        metrics = WORLD_SWEEP_METRICS if self.scorer == "world" else ("clip_t", "clip_i")
+        if self.metric not in metrics:
+            raise ValueError(f"metric must be one of {', '.join(metrics)} with scorer {self.scorer}, "
+                             f"got {self.metric!r}")
         _check_grid(self.grid, _check_sampling_key)
 
     @property
@@ -493,9 +502,11 @@ def _check_sampling_key(key: str) -> None:
 # The first entry that contains a file wins, so a file or subfolder goes before its folder.
 CONFIG_DIRS: dict[str, type] = {
     "jobs/configs/ingest_sample.yaml": IngestConfig,
+    "jobs/configs/ingest_mini.yaml": IngestConfig,
     "jobs/configs": ExperimentConfig,
     "sweeps/configs/cfg_debug.yaml": CfgSweepConfig,
     "sweeps/configs/cfg_janus4o_7b.yaml": CfgSweepConfig,
+    "sweeps/configs/cfg_mini.yaml": CfgSweepConfig,
     "sweeps/configs": MaskingAblationConfig,
 }
 

@@ -124,8 +124,23 @@ def _draw_shape(draw: ImageDraw.ImageDraw, kind: str, center: tuple[float, float
         raise ValueError(f"unknown shape {kind!r}")
 
 
+class RecordFiles:
+    """Where a record's images go inside the archives (`name` and `inputs` come from the record)."""
+
+    name: str
+    inputs: tuple
+
+    @property
+    def output_path(self) -> str:
+        return f"image/{self.name}.png"
+
+    @property
+    def input_paths(self) -> list[str]:
+        return [f"image/{self.name}_input_{k}.png" for k in range(len(self.inputs))]
+
+
 @dataclass(frozen=True)
-class SampleRecord:
+class SampleRecord(RecordFiles):
     """One record of the sample dataset, before it is written in a layout."""
 
     name: str
@@ -144,14 +159,6 @@ class SampleRecord:
 
     def input_images(self) -> list[Image.Image]:
         return [scene.render(self.size) for scene in self.inputs]
-
-    @property
-    def output_path(self) -> str:
-        return f"image/{self.name}.png"
-
-    @property
-    def input_paths(self) -> list[str]:
-        return [f"image/{self.name}_input_{k}.png" for k in range(len(self.inputs))]
 
 
 # --------------------------------------------------------------------------- scenes and edits

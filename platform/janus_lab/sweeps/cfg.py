@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from janus_lab.config import CfgSweepConfig
+from janus_lab.config import WORLD_SWEEP_METRICS, CfgSweepConfig
 from janus_lab.storage import is_s3_uri
 from janus_lab.sweeps.grid import cell_label, grid_cells
 from janus_lab.sweeps.runner import RUN_ID_METRIC, SweepError, SweepOutcome, SweepSpec, TrialResources
@@ -120,34 +120,49 @@ def run_cfg_sweep(cfg: CfgSweepConfig, resume: bool = False) -> CfgSweepOutcome:
     tracking_uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
     check_tracking_server(tracking_uri, error=SweepError)
     model = pin_model(cfg.model, tracking_uri)
-    clip_model = cfg.clip_model if cfg.clip_model == "debug" or is_s3_uri(cfg.clip_model) \
-        else os.path.abspath(cfg.clip_model)
-    try:
-        check_clip_source(clip_model)
-    except FileNotFoundError as err:
-        raise SweepError(str(err)) from None
     requests = read_prompt_set(cfg.prompts, cfg.seed)
     check_cells(cfg)
-    random_clip = is_random_clip(clip_model)
-    clip_label = RANDOM_CLIP_NOTE if random_clip else f"CLIP {cfg.clip_model}"
+    targets = None
+    if cfg.scorer == "world":
+        from janus_lab.miniature.world import read_targets
+
+        try:
+            targets = read_targets(cfg.prompts)
+        except FileNotFoundError as err:
+            raise SweepError(str(err)) from None
+        if len(targets) != len(requests):
+            raise SweepError(f"{cfg.prompts} has {len(requests)} requests but targets.jsonl {len(targets)} records")
+        clip_model, random_clip, clip_label = "", False, "the miniature world's exact scorer"
+        metrics = {m: "max" for m in WORLD_SWEEP_METRICS}
+    else:
+        clip_model = cfg.clip_model if cfg.clip_model == "debug" or is_s3_uri(cfg.clip_model) \
+            else os.path.abspath(cfg.clip_model)
+        try:
+            check_clip_source(clip_model)
+        except FileNotFoundError as err:
+            raise SweepError(str(err)) from None
+        random_clip = is_random_clip(clip_model)
+        clip_label = RANDOM_CLIP_NOTE if random_clip else f"CLIP {cfg.clip_model}"
+        metrics = CFG_METRICS
 
     def best_files(best: dict[str, Any]) -> dict[str, str]:
         return {"best_settings.yaml": best_settings_yaml(cfg, model, best, clip_label)}
 
     spec = SweepSpec(
         name=cfg.name, kind="cfg_sweep", grid=cfg.grid, metric=cfg.metric, mode=cfg.mode,
-        table_metrics=[m for m in CFG_METRICS if m != cfg.metric], run=cfg.run, tracking_uri=tracking_uri,
+        table_metrics=[m for m in metrics if m != cfg.metric], run=cfg.run, tracking_uri=tracking_uri,
         experiment=cfg.tracking.experiment,
         params={"model": model, "model_requested": cfg.model, "prompts": cfg.prompts, "clip_model": cfg.clip_model,
-                "random_test_clip": random_clip, "grid": json.dumps(cfg.grid), "metric": cfg.metric,
+                "random_test_clip": random_clip, "scorer": cfg.scorer, "grid": json.dumps(cfg.grid),
+                "metric": cfg.metric,
                 "parallel_size": cfg.parallel_size, "seed": cfg.seed},
-        heatmap_metrics={m: d for m, d in CFG_METRICS.items() if m != cfg.metric},
+        heatmap_metrics={m: d for m, d in metrics.items() if m != cfg.metric},
         note=RANDOM_CLIP_NOTE if random_clip else "", best_files=best_files,
     )
 
     def make_trainable(parent_run_id: str):
         return tune.with_parameters(cfg_trial, grid_keys=list(cfg.grid), requests=requests, model_uri=model,
-                                    clip_model=clip_model, parallel_size=cfg.parallel_size,
+                                    clip_model=clip_model, targets=targets, parallel_size=cfg.parallel_size,
                                     batch_images=cfg.batch_images, parent_run_id=parent_run_id,
                                     tracking_uri=tracking_uri, mlflow_experiment=cfg.tracking.experiment)
 
@@ -172,7 +187,7 @@ def best_settings_yaml(cfg: CfgSweepConfig, model: str, best: dict[str, Any], cl
 
 def cfg_trial(config: dict[str, Any], *, grid_keys: list[str], requests: list, model_uri: str, clip_model: str,
               parallel_size: int, batch_images: int, parent_run_id: str, tracking_uri: str,
-              mlflow_experiment: str) -> None:
+              mlflow_experiment: str, targets: list | None = None) -> None:
     """One Tune trial: generates the prompt set with its cell's settings and scores it."""
     from ray import tune
 
@@ -183,7 +198,7 @@ def cfg_trial(config: dict[str, Any], *, grid_keys: list[str], requests: list, m
                          params={**cell, "model": model_uri, "clip_model": clip_model, "parallel_size": parallel_size})
     try:
         metrics, sheet, clip_label = _score_cell(cell, requests, model_uri, clip_model, parallel_size, batch_images,
-                                                 tracking_uri)
+                                                 tracking_uri, targets)
         run.log_metrics(metrics, step=0)
         run.log_image(sheet, "samples/contact_sheet.png")
         run.set_tags({"clip": clip_label})
@@ -196,7 +211,7 @@ def cfg_trial(config: dict[str, Any], *, grid_keys: list[str], requests: list, m
 
 
 def _score_cell(cell: dict, requests: list, model_uri: str, clip_model: str, parallel_size: int, batch_images: int,
-                tracking_uri: str):
+                tracking_uri: str, targets: list | None = None):
     import mlflow
     from PIL import Image
 
@@ -211,6 +226,8 @@ def _score_cell(cell: dict, requests: list, model_uri: str, clip_model: str, par
     bundle = load_generation_model(model_uri, device=device, dtype=dtype)
     limits = GenerationLimits(max_parallel_size=parallel_size, max_batch_images=max(batch_images, parallel_size))
     engine = GenerationEngine.from_bundle(bundle, limits=limits)
+    if targets is not None:
+        return _score_world_cell(engine, cell, requests, targets, parallel_size, limits.max_batch_images)
     scorer = ClipScorer.load(clip_model, device)
     scored = with_settings(requests, cell, parallel_size)
     scores = score_generation(engine, scored, scorer, batch_images=limits.max_batch_images)
@@ -219,3 +236,20 @@ def _score_cell(cell: dict, requests: list, model_uri: str, clip_model: str, par
     rows = [[Image.open(io.BytesIO(x)) if isinstance(x, bytes) else x for x in request.input_images] + result.images
             for request, result in zip(scored, scores.results) if result is not None]  # None: refused
     return scores.metrics, contact_sheet(rows, bundle.image_size), scorer.label
+
+
+def _score_world_cell(engine, cell: dict, requests: list, targets: list, parallel_size: int, batch_images: int):
+    """A cell scored by the miniature world's exact scorer: prompt following and edit success."""
+    from janus_lab.evaluation.generation_scores import with_settings
+    from janus_lab.generation.offline import contact_sheet
+    from janus_lab.miniature.score import score_sample, summarise
+
+    scored = with_settings(requests, cell, parallel_size)
+    scores, rows = [], []
+    for index, result in engine.generate_in_batches(scored, max_images=batch_images):
+        scores.extend(score_sample(targets[index], image) for image in result.images)
+        rows.append([targets[index].output_image(), *targets[index].input_images(), *result.images])
+    summary = summarise(scores)
+    metrics = {f"world_{key}": summary.get(key, 0.0) for key in ("t2i", "edit", "following", "preservation")}
+    metrics["world_mean"] = (metrics["world_t2i"] + metrics["world_edit"]) / 2
+    return metrics, contact_sheet(rows, engine.image_size), "the miniature world's exact scorer"

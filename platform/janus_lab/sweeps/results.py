@@ -11,6 +11,7 @@ import csv
 import io
 import itertools
 import math
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -28,6 +29,33 @@ class ResultsTable:
     """Metric columns; the first is the one the sweep ranks by."""
     rows: list[dict[str, Any]] = field(default_factory=list)
     """Per trial: every param and metric key (a missing metric is None), `status`, `run_id`."""
+    seeds: list[str] = field(default_factory=list)
+    """Set on an `aggregated()` table: the seed keys its rows average over."""
+
+    def aggregated(self) -> "ResultsTable":
+        """One row per cell of the keys that are not seeds (`train.seed`, `masking.seed`, ...):
+        each metric's mean over the seeds, its sample standard deviation (`<metric>_std`) and
+        the number of seeds that reported it (`<metric>_n`). Without seed keys, the table itself."""
+        seeds = [p for p in self.params if p.rsplit(".", 1)[-1] == "seed"]
+        if not seeds:
+            return self
+        keep = [p for p in self.params if p not in seeds]
+        groups: dict[tuple, list[dict]] = {}
+        for row in self.rows:
+            groups.setdefault(tuple(row[p] for p in keep), []).append(row)
+        table = ResultsTable(params=self.params, metrics=self.metrics, seeds=seeds)
+        for values, rows in groups.items():
+            out: dict[str, Any] = dict(zip(keep, values))
+            out.update({key: ",".join(str(r[key]) for r in rows) for key in seeds})
+            for metric in self.metrics:
+                reported = [r[metric] for r in rows if r.get(metric) is not None]
+                out[metric] = statistics.fmean(reported) if reported else None
+                out[f"{metric}_std"] = statistics.stdev(reported) if len(reported) > 1 else None
+                out[f"{metric}_n"] = len(reported)
+            statuses = sorted({r["status"] for r in rows})
+            out.update(status="/".join(statuses), run_id=" ".join(r["run_id"] for r in rows if r["run_id"]))
+            table.rows.append(out)
+        return table
 
     def add(self, cell: dict[str, Any], metrics: dict[str, Any], status: str, run_id: str | None) -> None:
         """Adds a trial's row; metrics the trial did not report are left empty."""
@@ -56,11 +84,12 @@ class ResultsTable:
 
     def to_markdown(self, best: dict[str, Any] | None = None) -> str:
         """A Markdown table (what the driver prints); the best row, if given, is marked with *."""
-        header = [short_key(p) for p in self.params] + self.metrics + ["status", "MLflow run"]
+        shown = [f"{m} (mean ± sd)" if self.seeds else m for m in self.metrics]
+        header = [short_key(p) for p in self.params] + shown + ["status", "MLflow run"]
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for row in self.rows:
             cells = [str(row[p]) for p in self.params]
-            cells += [_show(row.get(m)) for m in self.metrics]
+            cells += [_show_spread(row, m) if self.seeds else _show(row.get(m)) for m in self.metrics]
             mark = " *" if best is not None and row is best else ""
             cells += [row["status"] + mark, row["run_id"]]
             lines.append("| " + " | ".join(cells) + " |")
@@ -142,3 +171,11 @@ def _number(value: Any) -> float | None:
 
 def _show(value: float | None) -> str:
     return "" if value is None else f"{value:.4g}"
+
+
+def _show_spread(row: dict[str, Any], metric: str) -> str:
+    if row.get(metric) is None:
+        return ""
+    spread = row.get(f"{metric}_std")
+    return f"{row[metric]:.4g} ± {spread:.2g} (n={row[f'{metric}_n']})" if spread is not None \
+        else f"{row[metric]:.4g} (n={row[f'{metric}_n']})"

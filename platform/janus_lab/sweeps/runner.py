@@ -163,9 +163,10 @@ def run_sweep(spec: SweepSpec, make_trainable: Callable[[str], Any], resources: 
                                       failure_config=tune.FailureConfig(max_failures=0), verbose=1),
         )
     results = tuner.fit()
-    table, errors = _table(spec, cells, results)
+    trials, errors = _table(spec, cells, results)
+    table = trials.aggregated()  # cells repeated over seeds are ranked on their mean
     best = table.best(spec.metric, spec.mode)
-    _finish_parent(spec, parent, table, best, errors)
+    _finish_parent(spec, parent, trials, table, best, errors)
     return SweepOutcome(table=table, best=best, parent_run_id=parent.run_id, parent_url=parent.run_url(),
                         errors=errors)
 
@@ -204,11 +205,14 @@ def _table(spec: SweepSpec, cells: list[dict], results) -> tuple[ResultsTable, i
     return table, errors
 
 
-def _finish_parent(spec: SweepSpec, parent: RunLogger, table: ResultsTable, best: dict | None, errors: int) -> None:
+def _finish_parent(spec: SweepSpec, parent: RunLogger, trials: ResultsTable, table: ResultsTable, best: dict | None,
+                   errors: int) -> None:
     with tempfile.TemporaryDirectory(prefix="janus-sweep-") as tmp:
         folder = Path(tmp)
-        (folder / "results.csv").write_text(table.to_csv())
-        (folder / "results.md").write_text((f"{spec.note}\n\n" if spec.note else "") + table.to_markdown(best))
+        (folder / "results.csv").write_text(trials.to_csv())
+        per_trial = f"\n\nPer trial:\n\n{trials.to_markdown()}" if table is not trials else ""
+        (folder / "results.md").write_text((f"{spec.note}\n\n" if spec.note else "") + table.to_markdown(best)
+                                           + per_trial)
         for metric, mode in ({spec.metric: spec.mode} | spec.heatmap_metrics).items():
             table.save_heatmap(folder / f"heatmap_{metric}.png", metric, mode, spec.note)
         if best is not None and spec.best_files:

@@ -1,0 +1,146 @@
+"""The shipped miniature: where its files live, how they are built and how they load.
+
+`weights/vq.safetensors` is the VQ tokenizer (`jobs/train_mini_vq.py`), `weights/base/` the base
+model pre-trained on text-to-image only (`jobs/pretrain_mini.py`). Each has a JSON beside it
+with the command, seed and figures that made it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+from pathlib import Path
+
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from transformers import JanusVQVAE, JanusVQVAEConfig
+
+from janus_lab.miniature.vq_train import VQTrainConfig, random_batch, round_trip, train_vq
+from janus_lab.miniature.world import SIDE
+
+MINI_DIR = Path(__file__).resolve().parent / "weights"
+VQ_FILE = "vq.safetensors"
+EVAL_SCENES_SEED = 2024
+EVAL_SCENES = 32
+
+MINI_VQ = {
+    "embed_dim": 8,
+    "num_embeddings": 2048,
+    "base_channels": 32,
+    "channel_multiplier": [1, 1, 2, 2, 4],
+    "num_res_blocks": 1,
+    "latent_channels": 64,
+}
+"""The mini VQ tokenizer: Janus's VQ architecture, slimmed for 64 px scenes on a CPU (the world
+has under a thousand distinct 16 x 16 patches, so 2048 codes cover it)."""
+
+
+def mini_vq_config() -> JanusVQVAEConfig:
+    return JanusVQVAEConfig(**MINI_VQ, num_patches=SIDE // 16)
+
+
+def eval_pixels() -> torch.Tensor:
+    """The fixed scenes every reconstruction figure of the mini VQ is measured on."""
+    return random_batch(random.Random(EVAL_SCENES_SEED), EVAL_SCENES)
+
+
+def load_mini_vq(folder: str | Path = MINI_DIR) -> JanusVQVAE:
+    """The shipped (or a freshly trained) mini VQ tokenizer, float32, frozen."""
+    vq = JanusVQVAE(mini_vq_config())
+    state = {k: v.float() for k, v in load_file(str(Path(folder) / VQ_FILE)).items()}
+    vq.load_state_dict(state)
+    vq.eval().requires_grad_(False)
+    return vq
+
+
+BASE_FILE = "base.safetensors"
+
+
+def load_mini_weights(model, folder: str | Path = MINI_DIR, language_model: bool = True) -> None:
+    """Loads the shipped VQ tokenizer (and, unless told not to, the base model) into a mini model.
+
+    Raises:
+        FileNotFoundError: a file is missing (train it with the job its JSON names).
+    """
+    folder = Path(folder)
+    vq_file = folder / VQ_FILE
+    if not vq_file.exists():
+        raise FileNotFoundError(f"{vq_file} is missing: train it with `python jobs/train_mini_vq.py`")
+    model.model.vqmodel.load_state_dict({k: v.float() for k, v in load_file(str(vq_file)).items()})
+    if language_model:
+        base_file = folder / BASE_FILE
+        if not base_file.exists():
+            raise FileNotFoundError(f"{base_file} is missing: pre-train it with `python jobs/pretrain_mini.py`")
+        state = {k: v.float() for k, v in load_file(str(base_file)).items()}
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith("model.vqmodel.")]
+        if missing or unexpected:
+            raise ValueError(f"{base_file} does not fit the mini model (missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]})")
+    model.model.vqmodel.eval().requires_grad_(False)
+
+
+def save_base(model, folder: str | Path, record: dict) -> None:
+    """Writes a mini model's weights, all but the VQ tokenizer, as float16 (`base.safetensors`)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()
+             if not k.startswith("model.vqmodel.")}
+    save_file(state, str(folder / BASE_FILE))
+    (folder / "base.json").write_text(json.dumps(record, indent=2) + "\n")
+
+
+def save_vq(vq: JanusVQVAE, folder: Path, record: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().to(torch.float16).contiguous() for k, v in vq.state_dict().items()},
+              str(folder / VQ_FILE))
+    (folder / "vq.json").write_text(json.dumps(record, indent=2) + "\n")
+
+
+def reconstruction_sheet(vq: JanusVQVAE, pixels: torch.Tensor, columns: int = 16) -> Image.Image:
+    """Originals (odd rows) above their round-trip reconstructions (even rows)."""
+    recon = round_trip(vq, pixels).clamp(-1, 1)
+    to_image = lambda t: Image.fromarray(((t.permute(1, 2, 0) + 1) * 127.5).round().byte().numpy())
+    rows = (len(pixels) + columns - 1) // columns
+    sheet = Image.new("RGB", (columns * SIDE, 2 * rows * SIDE), (255, 255, 255))
+    for i in range(len(pixels)):
+        x, y = (i % columns) * SIDE, (i // columns) * 2 * SIDE
+        sheet.paste(to_image(pixels[i]), (x, y))
+        sheet.paste(to_image(recon[i]), (x, y + SIDE))
+    return sheet
+
+
+def train_and_save_vq(out: str | Path, **settings) -> dict:
+    """Trains a mini VQ from scratch with `settings` (VQTrainConfig fields) and writes it to `out`."""
+    from janus_lab.miniature.vq_train import evaluate_psnr
+
+    out = Path(out)
+    cfg = VQTrainConfig(**settings)
+    torch.manual_seed(cfg.seed)
+    vq = load_mini_vq(cfg.init).train().requires_grad_(True) if cfg.init else JanusVQVAE(mini_vq_config())
+    previous = json.loads((Path(cfg.init) / "vq.json").read_text()) if cfg.init else None
+    pixels = eval_pixels()
+    command = "python jobs/train_mini_vq.py " + " ".join(f"{k}={v}" for k, v in settings.items())
+
+    def checkpoint(history: list[dict]) -> None:
+        save_vq(vq, out, {"command": command.strip(), "settings": dataclasses.asdict(cfg), "history": history,
+                          "finished": False, "continues": previous})
+
+    history = train_vq(vq, cfg, pixels, on_log=checkpoint)
+    shipped = load_mini_vq_from_state(vq)  # measure what the float16 file gives, not the float32 weights
+    record = {"command": command.strip(), "settings": dataclasses.asdict(cfg), "history": history,
+              "finished": True, "continues": previous,
+              "eval_scenes": {"seed": EVAL_SCENES_SEED, "count": EVAL_SCENES},
+              "eval_psnr_db": round(evaluate_psnr(shipped, pixels), 3)}
+    save_vq(vq, out, record)
+    reconstruction_sheet(shipped, pixels[:32]).save(out / "vq_reconstructions.png")
+    return record
+
+
+def load_mini_vq_from_state(vq: JanusVQVAE) -> JanusVQVAE:
+    """A copy of `vq` rounded through float16, as the shipped file stores it."""
+    copy = JanusVQVAE(mini_vq_config())
+    copy.load_state_dict({k: v.to(torch.float16).float() for k, v in vq.state_dict().items()})
+    return copy.eval().requires_grad_(False)

@@ -1,0 +1,140 @@
+"""The miniature world, its exact scorer and the shipped miniature weights."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from janus_lab.config import CfgSweepConfig, ConfigError, ExperimentConfig, load_config
+from janus_lab.miniature.assets import MINI_DIR, eval_pixels, load_mini_vq
+from janus_lab.miniature.score import chance_scores, copy_input_scores, read_image, score_sample, summarise
+from janus_lab.miniature.vq_train import evaluate_psnr
+from janus_lab.miniature.world import (COLORS, EDIT_KINDS, Scene, Shape, WorldRecord, canonical_scene, describe,
+                                       evaluation_records, held_out_canonical, is_held_out, read_targets,
+                                       training_records, write_eval_requests, write_world_dataset)
+
+
+@pytest.fixture(scope="module")
+def train_set() -> list[WorldRecord]:
+    return training_records(seed=3, num_t2i=300, num_edits=360)
+
+
+@pytest.fixture(scope="module")
+def eval_set() -> list[WorldRecord]:
+    return evaluation_records(per_kind=6)
+
+
+def test_palette_and_prompt_form_are_the_issues():
+    assert COLORS == {"red": (230, 25, 25), "green": (30, 180, 60), "blue": (30, 60, 220),
+                      "yellow": (240, 220, 30), "white": (245, 245, 245), "black": (15, 15, 15)}
+    scene = canonical_scene("red", "circle", "blue")
+    assert describe(scene) == "a red circle on a blue background"
+    image = scene.render()
+    assert image.size == (64, 64)
+    # Half the image wide, centred: the circle spans x 16..47 on the middle row.
+    row = [image.getpixel((x, 32)) for x in range(64)]
+    assert [x for x, p in enumerate(row) if p == COLORS["red"]] == list(range(16, 48))
+
+
+def test_records_are_deterministic_and_cover_every_edit(train_set):
+    again = training_records(seed=3, num_t2i=300, num_edits=360)
+    assert [r.to_json() for r in again] == [r.to_json() for r in train_set]
+    assert {r.edit for r in train_set if r.task == "ti2i"} == set(EDIT_KINDS)
+    assert all(len(r.inputs) == 2 for r in train_set if r.edit == "compose")
+    prompts = {r.prompt for r in train_set}
+    assert any(p.startswith("make the background ") for p in prompts)
+    assert any(p.startswith("move the ") for p in prompts) and any(p.startswith("remove the ") for p in prompts)
+
+
+def test_no_training_record_shows_a_held_out_scene(train_set, eval_set):
+    held_out = held_out_canonical()
+    assert len(held_out) == 18
+    for record in train_set:
+        assert not any(is_held_out(s, held_out) for s in (record.output, *record.inputs)), record.prompt
+    for record in eval_set:
+        assert any(is_held_out(s, held_out) for s in (record.output, *record.inputs)), record.prompt
+    t2i = [r for r in eval_set if r.task == "t2i"]
+    assert {r.output.canonical for r in t2i} == set(held_out)
+
+
+def test_exact_renders_score_perfectly(train_set, eval_set):
+    scores = [score_sample(r, r.output_image()) for r in train_set + eval_set]
+    wrong = [(s.record.prompt, {k for k, v in s.checks.items() if not v}) for s in scores if not s.correct]
+    assert wrong == []
+
+
+def test_the_scorer_reads_what_is_wrong():
+    record = WorldRecord("x", "ti2i", "make the background green", canonical_scene("red", "circle", "green"),
+                         (canonical_scene("red", "circle", "blue"),), "background")
+    unchanged = score_sample(record, record.inputs[0].render())
+    assert not unchanged.following and unchanged.preservation and not unchanged.correct
+    recoloured = score_sample(record, canonical_scene("yellow", "circle", "green").render())
+    assert recoloured.following and not recoloured.preservation
+    square = read_image(canonical_scene("red", "square", "green").render())
+    triangle = read_image(Scene("black", (Shape("triangle", "white", "small", "left"),)).render())
+    assert (square.background, square.shapes[0].kind) == ("green", "square")
+    assert (triangle.shapes[0].kind, triangle.shapes[0].size, triangle.shapes[0].position) == ("triangle", "small", "left")
+
+
+def test_chance_is_far_below_a_correct_model(eval_set):
+    chance = chance_scores(eval_set, draws=5)
+    assert chance["t2i"] < 0.05 and chance["edit"] < 0.05
+    copy = copy_input_scores(eval_set)
+    assert copy["edit"] == 0.0 and copy["preservation"] > 0.9
+    perfect = summarise([score_sample(r, r.output_image()) for r in eval_set])
+    assert perfect["t2i"] == perfect["edit"] == perfect["compose"] == 1.0
+
+
+def test_world_is_written_in_the_real_layouts(tmp_path, train_set):
+    from janus_lab.data.sources import list_source_files, read_records
+
+    write_world_dataset(tmp_path / "sharegpt", train_set)
+    records = read_records("sharegpt4o", str(tmp_path / "sharegpt"), list_source_files(str(tmp_path / "sharegpt")))
+    assert len(records) == len(train_set)
+    compose = [r for r in train_set if r.edit == "compose"]
+    write_world_dataset(tmp_path / "echo", compose, layout="echo4o")
+    echo = read_records("echo4o", str(tmp_path / "echo"), list_source_files(str(tmp_path / "echo")))
+    assert len(echo) == len(compose) and all(len(r.input_images) == 2 for r in echo)
+
+
+def test_eval_requests_file_reads_back_with_its_targets(tmp_path, eval_set):
+    from janus_lab.generation.offline import read_request_file
+
+    path = write_eval_requests(tmp_path, eval_set, samples=2)
+    requests = read_request_file(str(path), first_seed=0)
+    targets = read_targets(path)
+    assert [r.prompt for r in requests] == [t.prompt for t in targets] == [r.prompt for r in eval_set]
+    assert [len(r.input_images) for r in requests] == [len(t.inputs) for t in eval_set]
+    assert all(r.parallel_size == 2 for r in requests)
+
+
+def test_shipped_vq_reproduces_its_recorded_reconstruction():
+    record = json.loads((MINI_DIR / "vq.json").read_text())
+    vq = load_mini_vq()
+    assert vq.quantize.embedding.weight.shape == (2048, 8)
+    assert evaluate_psnr(vq, eval_pixels()) == pytest.approx(record["eval_psnr_db"], abs=0.05)
+
+
+def test_mini_init_generates_text_to_image_and_edits():
+    from janus_lab.generation import GenerationEngine, GenerationRequest
+    from janus_lab.model.builders import mini_init
+
+    bundle = mini_init(seed=0)
+    engine = GenerationEngine.from_bundle(bundle)
+    source = canonical_scene("red", "circle", "blue").render()
+    results = engine.generate([GenerationRequest("a red circle on a blue background", seed=0),
+                               GenerationRequest("make the background green", [source], seed=1)])
+    assert [r.codes.shape for r in results] == [torch.Size([1, 16])] * 2
+    assert all(r.images[0].size == (64, 64) for r in results)
+    assert int(results[0].codes.max()) < 2048
+
+
+def test_mini_configs_are_checked():
+    with pytest.raises(ConfigError, match="image_size must be 64"):
+        load_config(ExperimentConfig, None, ["model.preset=mini", "model.image_size=384"])
+    with pytest.raises(ConfigError, match="metric must be one of world_t2i"):
+        load_config(CfgSweepConfig, None, ["scorer=world", "metric=clip_t"])
+    cfg = load_config(CfgSweepConfig, None, ["scorer=world", "metric=world_mean"])
+    assert cfg.scorer == "world"
