@@ -11,7 +11,9 @@ images/s, errors by HTTP status, and the ImageModel replica count over time; the
 batched/unbatched throughput ratio.
 
 With --url it drives an existing server (e.g. `serve deploy serve/config.yaml` on the local
-stack) once, and reads replica counts from the cluster in RAY_ADDRESS when that is set.
+stack) once, and reads replica counts from the cluster in RAY_ADDRESS when that is set. A
+server that takes API keys gets the one in $JANUS_API_KEY (not a flag: a key on the command
+line shows in `ps`); mind its per-key limits, past which requests count as 429s.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import collections
 import concurrent.futures
 import copy
 import json
+import os
 import socket
 import statistics
 import sys
@@ -39,7 +42,10 @@ APP = "janus-images"
 def post(url: str, body: dict, timeout: float) -> tuple[int, float]:
     """(HTTP status, seconds); status 0 for a connection error."""
     data = json.dumps(body).encode()
-    request = urllib.request.Request(f"{url}/v1/images/generations", data, {"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json"}
+    if os.environ.get("JANUS_API_KEY"):
+        headers["Authorization"] = f"Bearer {os.environ['JANUS_API_KEY']}"
+    request = urllib.request.Request(f"{url}/v1/images/generations", data, headers)
     start = time.perf_counter()
     try:
         with urllib.request.urlopen(request, timeout=timeout) as answer:
@@ -156,8 +162,6 @@ def main(argv: list[str]) -> int:
         parser.error("--concurrency must be in 1..256 and --duration in (0, 3600]")
 
     if args.url:
-        import os
-
         if os.environ.get("RAY_ADDRESS"):
             import ray
 

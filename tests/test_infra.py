@@ -11,6 +11,10 @@
 - serveConfigV2 is serve/config.yaml plus exactly the overrides in
   infra/kuberay/serve-overrides.yaml.
 - Image tags, versions, environment variables and the MLflow wiring agree across files.
+- Secrets and exposure: no file under infra/ holds a literal credential; credentials reach pods
+  only from Secrets whose creation is documented; the core objects (and the Ray pod templates)
+  pass Kubernetes' schemas (kubernetes-validate); only the Serve endpoint is published, with TLS,
+  and it requires API keys.
 
 Entry points and configs written in parallel by other issues (sweeps/) fail here, by name,
 until they land.
@@ -682,3 +686,207 @@ def test_mlflow_server_stores_runs_in_postgres_and_artifacts_in_the_shared_bucke
 def test_scaling_guide_is_linked_from_the_readme():
     assert SCALING_GUIDE.is_file()
     assert "(docs/scaling.md)" in (REPO / "README.md").read_text()
+
+
+# --------------------------------------------------------------------------- secrets and exposure
+
+K8S_VERSION = "1.33"
+"""The Kubernetes release whose schemas the core objects are checked against (EKS's oldest in
+standard support when this was written); kubernetes-validate ships them."""
+
+SECRETISH = r"[\w.-]*(?:password|passwd|secret|token|api[_-]?keys?|access[_-]?key(?:[_-]id)?|private[_-]?key)"
+_CREDENTIAL_PATTERNS = (
+    ("an AWS access key id", re.compile(r"(?<![A-Z0-9])(?:AKIA|ASIA)[A-Z0-9]{16}(?![A-Z0-9])")),
+    ("a private key", re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----")),
+    ("a password in a URI", re.compile(r"\b[a-z][\w+.-]*://[^/\s:@]+:(?P<value>[^@\s/]+)@")),
+    ("a credential assigned a value",
+     re.compile(rf"(?i)(?<![\w.-]){SECRETISH}\s*[=:]\s*[\"']?(?P<value>[^\s\"',}}\]]+)")),
+)
+
+
+def _is_placeholder(value: str) -> bool:
+    """`<key>`, `$(VAR)`, `${VAR}`, `$VAR`, `{...}`, YAML null or a reference to another key."""
+    return (value.startswith(("<", "$", "{", "[")) or value.lower() in ("null", "~", "true", "false", "")
+            or value.endswith((":", "=")))
+
+
+def find_credentials(text: str) -> list[str]:
+    """Literal credentials in `text`: what each is and where (line numbers, never the value)."""
+    found = []
+    for line_number, line in enumerate(text.splitlines(), 1):
+        for what, pattern in _CREDENTIAL_PATTERNS:
+            for match in pattern.finditer(line):
+                value = match.groupdict().get("value")
+                if value is not None and _is_placeholder(value):
+                    continue
+                found.append(f"line {line_number}: {what}")
+    return found
+
+
+def infra_text_files() -> list[Path]:
+    return sorted(p for p in INFRA.rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize("path", infra_text_files(), ids=lambda p: str(p.relative_to(REPO)))
+def test_no_file_under_infra_holds_a_literal_credential(path: Path):
+    found = find_credentials(path.read_text(errors="replace"))
+    assert not found, (f"{path.relative_to(REPO)}: {'; '.join(found)}. Credentials come from a Kubernetes "
+                       f"Secret (secretKeyRef, secretRef, a secret volume) or the cloud's instance roles")
+
+
+@pytest.mark.parametrize("text", [
+    "AWS_ACCESS_KEY_ID=AKIA" + "Q7ZPXW2LMN4RTV6B",
+    "  --env AWS_SECRET_ACCESS_KEY=" + "x7Rz/Qp2Lm9Kw4Tn8Vb3Hs6Jd1Fg5Yc0",
+    "  password: " + "correct-horse-battery",
+    "  - --backend-store-uri=postgresql://mlflow:" + "s3cretpass@mlflow-postgres:5432/mlflow",
+    "api_keys: " + "sk-0123456789abcdef0123",
+    "-----BEGIN RSA PRIVATE " + "KEY-----",
+])
+def test_the_credential_scan_finds_planted_credentials(text: str):
+    assert find_credentials(text), text
+
+
+@pytest.mark.parametrize("text", [
+    "--from-literal=AWS_SECRET_ACCESS_KEY=<secret>",
+    "--from-literal=POSTGRES_PASSWORD=$(openssl rand -hex 24)",
+    "- --backend-store-uri=postgresql://$(POSTGRES_USER):$(POSTGRES_PASSWORD)@mlflow-postgres:5432/mlflow",
+    "valueFrom: {secretKeyRef: {name: mlflow-postgres, key: POSTGRES_PASSWORD}}",
+    "secretName: janus-images-tls",
+    "api_keys_env: null",
+    "export RAY_AUTH_MODE=token RAY_AUTH_TOKEN=<auth_token of the Secret KubeRay made for the cluster>",
+])
+def test_the_credential_scan_lets_references_and_placeholders_pass(text: str):
+    assert not find_credentials(text), text
+
+
+def pod_specs() -> list[tuple[str, dict]]:
+    """(where, PodTemplateSpec) of every pod the manifests make: core workloads and Ray groups."""
+    templates = [(f"{obj['kind']} {obj['metadata']['name']}", obj["spec"]["template"])
+                 for _, obj in k8s_objects() if obj["kind"] in ("Deployment", "StatefulSet", "DaemonSet", "Job")]
+    for where, cluster in ray_cluster_specs():
+        for group in pod_groups(cluster):
+            templates.append((f"{where} {group.get('groupName', 'head')}", group["template"]))
+    return templates
+
+
+def core_objects() -> list:
+    return [pytest.param(obj, id=f"{path.relative_to(REPO)}:{obj['kind']}/{obj['metadata']['name']}")
+            for path, obj in k8s_objects() if not obj["apiVersion"].startswith("ray.io/")]
+
+
+@pytest.mark.parametrize("obj", core_objects())
+def test_core_objects_pass_the_kubernetes_schemas(obj: dict):
+    import kubernetes_validate
+
+    # strict: a field the schema does not know (a typo) is an error, as `kubectl apply` says.
+    kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+
+
+@pytest.mark.parametrize("where,template", pod_specs(), ids=[w for w, _ in pod_specs()])
+def test_ray_pod_templates_pass_the_kubernetes_pod_schema(where: str, template: dict):
+    """The KubeRay CRDs have no schema here, but each group's `template` is a core PodTemplateSpec."""
+    import kubernetes_validate
+
+    wrapped = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "check", "namespace": NAMESPACE},
+               "template": template}
+    kubernetes_validate.validate(wrapped, K8S_VERSION, strict=True)
+
+
+def test_the_schema_check_refuses_a_misspelt_field():
+    import kubernetes_validate
+
+    service = copy.deepcopy(one_object("Service", "mlflow"))
+    service["spec"]["selectr"] = service["spec"].pop("selector")
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(service, K8S_VERSION, strict=True)
+
+
+def secret_references() -> dict[str, str]:
+    """Secret name -> where a manifest reads it (env, envFrom, volume, Ingress TLS)."""
+    found: dict[str, str] = {}
+    for where, template in pod_specs():
+        spec = template["spec"]
+        for container in spec.get("containers", []) + spec.get("initContainers", []):
+            for source in container.get("envFrom", []):
+                if "secretRef" in source:
+                    found.setdefault(source["secretRef"]["name"], where)
+            for entry in container.get("env", []):
+                ref = entry.get("valueFrom", {}).get("secretKeyRef")
+                if ref:
+                    found.setdefault(ref["name"], where)
+        for volume in spec.get("volumes", []):
+            if "secret" in volume:
+                found.setdefault(volume["secret"]["secretName"], where)
+    for ingress in objects_of_kind("Ingress"):
+        for tls in ingress["spec"].get("tls", []):
+            found.setdefault(tls["secretName"], f"Ingress {ingress['metadata']['name']}")
+    return found
+
+
+def test_credentials_reach_pods_only_from_secrets_that_are_created_by_hand():
+    assert not objects_of_kind("Secret"), "a Secret under infra/ would put its values in the repository"
+    for where, template in pod_specs():
+        for container in template["spec"]["containers"]:
+            for entry in container.get("env", []):
+                if re.fullmatch(f"(?i){SECRETISH}", entry["name"]):
+                    assert "secretKeyRef" in entry.get("valueFrom", {}), (
+                        f"{where}: {entry['name']} must come from a Secret (valueFrom.secretKeyRef)")
+    documented = INFRA.rglob("*")
+    commands = "\n".join(p.read_text() for p in documented if p.is_file()) + SCALING_GUIDE.read_text()
+    for name, where in secret_references().items():
+        assert re.search(rf"create secret (?:generic|tls) {re.escape(name)}\b", commands), (
+            f"{where} reads the Secret {name}, but no `kubectl create secret` for it is documented")
+
+
+def test_only_the_serve_endpoint_is_published_and_with_tls():
+    for service in objects_of_kind("Service"):
+        assert service["spec"].get("type", "ClusterIP") == "ClusterIP", (
+            f"Service {service['metadata']['name']}: {service['spec']['type']} publishes it outside the cluster")
+    for where, cluster in ray_cluster_specs():
+        head = cluster["headGroupSpec"]
+        # KubeRay makes the head Service (GCS 6379, dashboard 8265, client 10001) from these.
+        assert head.get("serviceType", "ClusterIP") == "ClusterIP", f"{where}: the head Service must stay ClusterIP"
+        assert not head.get("enableIngress"), f"{where}: enableIngress publishes the dashboard"
+    for (service,) in [objects_of_kind("RayService")]:
+        serve_service = service["spec"].get("serveService", {}).get("spec", {})
+        assert serve_service.get("type", "ClusterIP") == "ClusterIP"
+    for where, template in pod_specs():
+        spec = template["spec"]
+        assert not spec.get("hostNetwork"), f"{where}: hostNetwork puts every Ray port on the node"
+        for container in spec["containers"]:
+            for port in container.get("ports", []):
+                assert "hostPort" not in port, f"{where}: hostPort {port['hostPort']} publishes a port on the node"
+    (service,) = objects_of_kind("RayService")
+    serve_service_name = f"{service['metadata']['name']}-serve-svc"  # KubeRay's name for it
+    serve_port = serve_config_v2()["http_options"]["port"]
+    ingresses = objects_of_kind("Ingress")
+    assert ingresses, "no Ingress publishes the Serve endpoint"
+    for ingress in ingresses:
+        spec, name = ingress["spec"], ingress["metadata"]["name"]
+        backends = [path["backend"]["service"] for rule in spec["rules"] for path in rule["http"]["paths"]]
+        assert backends and all(b == {"name": serve_service_name, "port": {"number": serve_port}} for b in backends), (
+            f"Ingress {name} must route only to {serve_service_name}:{serve_port}, not {backends}")
+        hosts = {rule["host"] for rule in spec["rules"]}
+        covered = {host for tls in spec.get("tls", []) for host in tls["hosts"]}
+        assert hosts <= covered, f"Ingress {name}: hosts without TLS: {sorted(hosts - covered)}"
+    guide = SCALING_GUIDE.read_text()
+    assert serve_service_name in guide and "infra/kuberay/ingress.yaml" in guide
+
+
+def test_the_cluster_endpoint_takes_api_keys_from_a_mounted_secret():
+    from janus_lab.serving import ServeArgs
+
+    (service,) = objects_of_kind("RayService")
+    for app in serve_config_v2()["applications"]:
+        access = ServeArgs.parse(app["args"]).access
+        assert not access.open, f"serveConfigV2 {app['name']}: the cluster's endpoint must require API keys"
+        assert access.api_keys_file, "keys come from a file, so the Secret can rotate them without a restart"
+        assert access.requests_per_minute and access.images_per_minute, "per-key limits must be set"
+        folder = str(Path(access.api_keys_file).parent)
+        cluster = service["spec"]["rayClusterConfig"]
+        for group in pod_groups(cluster):
+            spec = group["template"]["spec"]
+            secret_volumes = {v["name"] for v in spec.get("volumes", []) if "secret" in v}
+            mounts = [m for m in ray_container(group).get("volumeMounts", []) if m["mountPath"] == folder]
+            assert len(mounts) == 1 and mounts[0]["name"] in secret_volumes, (
+                f"{group.get('groupName', 'head')}: {folder} must be a Secret volume (ImageApi may run on any pod)")

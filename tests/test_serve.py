@@ -6,6 +6,11 @@ the overrides below so that autoscaling and overload show within seconds) and th
 answers T2I and edit requests, refuses bad ones with 4xx, follows the champion alias when a
 promotion moves it (no request failing meanwhile), scales from 1 to 2 replicas under load and
 back, and answers 503 past the queue limit with nothing else failing.
+
+A second application on the same Serve instance takes API keys (one from an environment
+variable, others from a file) behind two API replicas: 401 without a key or with a wrong one,
+200 with either key and through the official `openai` client, 429 with Retry-After past a key's
+limits counted across both replicas, and a key added to the file accepted without a restart.
 """
 
 from __future__ import annotations
@@ -28,7 +33,9 @@ from PIL import Image
 
 from janus_lab.config import ConfigError
 from janus_lab.serving import ModelUserConfig, ServeArgs, ServeLimits, build_app
+from janus_lab.serving.access import ApiKeys, KeySourceError, SlidingWindowLimits, key_digest, key_id
 from janus_lab.serving.api import ApiError, check_image, parse_fields, GENERATION_FIELDS, EDIT_FIELDS
+from janus_lab.serving.settings import AccessConfig
 from registry_runs import make_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,7 +66,10 @@ def test_config_file_is_a_valid_serve_config_whose_args_and_user_config_parse(mo
     args = ServeArgs.parse(application["args"])
     assert args.model == "models:/janus-4o@champion"
     deployments = {d["name"]: d for d in application["deployments"]}
-    assert set(deployments) == {"ImageModel", "ImageApi"}
+    assert set(deployments) == {"ImageModel", "ImageApi", "ApiLimiter"}
+    # The per-key counts live in the limiter: a second replica would count on its own.
+    assert deployments["ApiLimiter"]["num_replicas"] == 1
+    assert args.access.open, "the local demo runs without keys (the cluster's override adds them)"
     model = deployments["ImageModel"]
     ModelUserConfig.parse(model["user_config"])
     scaling = model["autoscaling_config"]
@@ -69,6 +79,11 @@ def test_config_file_is_a_valid_serve_config_whose_args_and_user_config_parse(mo
     from serve.app import build
 
     assert build is build_app
+    # `serve deploy` refuses options for a deployment the application does not have.
+    from ray.serve._private.build_app import build_app as build_deployments
+
+    built = build_deployments(build_app(application["args"]), name=application["name"])
+    assert {d.name for d in built.deployments} == set(deployments)
 
 
 def test_args_name_a_misspelt_key_and_read_the_sweep_defaults_file(tmp_path):
@@ -83,6 +98,72 @@ def test_args_name_a_misspelt_key_and_read_the_sweep_defaults_file(tmp_path):
     best.write_text("cfg_wieght: 3.5\n")
     with pytest.raises(ConfigError, match="defaults_file .*cfg_wieght.*cfg_weight"):
         ServeArgs.parse({"defaults_file": str(best)})
+
+
+KEY_A, KEY_B, KEY_C = "alpha-" + "a" * 26, "bravo-" + "b" * 26, "charlie-" + "c" * 24
+"""Test keys: made up here, long enough for the minimum length."""
+
+
+@pytest.mark.parametrize("args, text", [
+    ({"api_key": KEY_A}, "api_key: API keys are never written in the config"),
+    ({"access": {"api_keys": [KEY_A]}}, "access.api_keys: API keys are never written in the config"),
+    ({"access": {"api_keys_env": KEY_A}}, "must be the name of an environment variable"),
+    ({"access": {"api_keys_file": "keys.txt"}}, "must be an absolute path"),
+    ({"access": {"images_per_minute": 2}, "limits": {"max_n": 4}}, "images_per_minute .* at least limits.max_n"),
+])
+def test_a_key_written_in_the_config_or_a_bad_access_setting_is_refused(args, text):
+    with pytest.raises(ConfigError, match=text) as caught:
+        ServeArgs.parse(args)
+    assert KEY_A not in str(caught.value)  # the error never repeats a key
+
+
+def test_keys_come_from_a_variable_and_a_file_and_rotate_without_a_restart(tmp_path):
+    key_file = tmp_path / "keys"
+    key_file.write_text(f"# team keys\n{KEY_B}\n\n")
+    access = AccessConfig(api_keys_env="TEST_KEYS", api_keys_file=str(key_file))
+    keys = ApiKeys(access, environ={"TEST_KEYS": f" {KEY_A} ,"}, recheck_s=0)
+    assert keys.count == 2 and KEY_A not in keys.describe() and KEY_B not in keys.describe()
+    assert keys.identify(f"Bearer {KEY_A}") == key_id(key_digest(KEY_A))
+    assert keys.identify(f"bearer {KEY_B}") == key_id(key_digest(KEY_B))
+    for header in (None, "", KEY_A, f"Basic {KEY_A}", "Bearer ", f"Bearer {KEY_C}", f"Bearer {KEY_A}x"):
+        assert keys.identify(header) is None, header
+    # Rotation: the new key joins, clients move, the old one leaves; no new ApiKeys.
+    key_file.write_text(f"{KEY_B}\n{KEY_C}\n")
+    assert keys.identify(f"Bearer {KEY_C}") is not None and keys.identify(f"Bearer {KEY_B}") is not None
+    key_file.write_text(f"{KEY_C}\n")
+    assert keys.identify(f"Bearer {KEY_B}") is None and keys.identify(f"Bearer {KEY_C}") is not None
+    # A broken file keeps the keys read before instead of locking everyone out.
+    key_file.write_text("short\n")
+    assert keys.identify(f"Bearer {KEY_C}") is not None
+
+
+def test_a_configured_key_source_without_keys_refuses_to_start_open(tmp_path):
+    with pytest.raises(KeySourceError, match=r"\$TEST_KEYS but no key was found"):
+        ApiKeys(AccessConfig(api_keys_env="TEST_KEYS"), environ={})
+    with pytest.raises(KeySourceError, match="api_keys_file .*missing"):
+        ApiKeys(AccessConfig(api_keys_file=str(tmp_path / "missing")), environ={})
+    with pytest.raises(KeySourceError, match="at least 16 characters") as caught:
+        ApiKeys(AccessConfig(api_keys_env="TEST_KEYS"), environ={"TEST_KEYS": "letmein"})
+    assert "letmein" not in str(caught.value)
+    open_server = ApiKeys(AccessConfig(), environ={})
+    assert open_server.identify(None) == "open" and "OPEN" in open_server.describe()
+
+
+def test_limits_count_requests_and_images_per_key_over_a_sliding_minute():
+    now = [0.0]
+    limits = SlidingWindowLimits(requests_per_window=3, images_per_window=8, clock=lambda: now[0])
+    assert all(limits.admit("a", 2).allowed for _ in range(3))
+    refused = limits.admit("a", 1)
+    assert (refused.allowed, refused.limit, refused.retry_after_s) == (False, "requests", 60)
+    assert limits.admit("b", 4).allowed  # another key has its own counts
+    now[0] = 30.0
+    assert not limits.admit("a", 1).allowed
+    now[0] = 60.0  # the first three leave the window together
+    assert limits.admit("a", 4).allowed and limits.admit("a", 4).allowed
+    refused = limits.admit("a", 1)
+    assert (refused.allowed, refused.limit, refused.retry_after_s) == (False, "images", 60)
+    now[0] = 119.5
+    assert limits.admit("a", 1).allowed is False and limits.admit("a", 1).retry_after_s == 1
 
 
 @pytest.mark.parametrize("fields, param, text", [
@@ -204,29 +285,51 @@ def registry(local_stack):
 
 
 @pytest.fixture(scope="module")
-def server(local_stack, registry):
-    """The application of serve/config.yaml, serving models:/<name>@champion; yields its base URL."""
+def serve_cluster():
+    """One local Ray cluster and Serve instance for the module's applications; yields the base URL."""
     import ray
     from ray import serve
 
-    from janus_lab.serving import ImageApi, ImageModel
-
-    name, _ = registry
-    application = serve_config()["applications"][0]
-    options = {d.pop("name"): d for d in copy.deepcopy(application["deployments"])}
-    options["ImageModel"].update(MODEL_OVERRIDES)
-    args = {**application["args"], "model": f"models:/{name}@champion"}
     port = free_port()
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": local_stack.env()})
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        app = ImageApi.options(**options["ImageApi"]).bind(ImageModel.options(**options["ImageModel"]).bind(args), args)
-        serve.run(app, name="janus-images", route_prefix="/")
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def deployment_options() -> dict[str, dict]:
+    """serve/config.yaml's options of each deployment, by name."""
+    return {d.pop("name"): d for d in copy.deepcopy(serve_config()["applications"][0]["deployments"])}
+
+
+def bind_application(args: dict, options: dict[str, dict]):
+    """What `build_app` binds, with each deployment's options applied."""
+    from janus_lab.serving import ApiLimiter, ImageApi, ImageModel
+
+    return ImageApi.options(**options["ImageApi"]).bind(
+        ImageModel.options(**options["ImageModel"]).bind(args), args, ApiLimiter.options(**options["ApiLimiter"]).bind(args))
+
+
+@pytest.fixture(scope="module")
+def server(serve_cluster, local_stack, registry):
+    """The application of serve/config.yaml, serving models:/<name>@champion, open (no keys) and
+    without per-key limits, as the local demo; yields its base URL."""
+    from ray import serve
+
+    name, _ = registry
+    application = serve_config()["applications"][0]
+    options = deployment_options()
+    options["ImageModel"].update(MODEL_OVERRIDES)
+    # The replicas read the registry and S3 of the test stack.
+    options["ImageModel"]["ray_actor_options"] = {**options["ImageModel"]["ray_actor_options"],
+                                                  "runtime_env": {"env_vars": local_stack.env()}}
+    args = {**application["args"], "model": f"models:/{name}@champion",
+            "access": {**application["args"]["access"], "requests_per_minute": 0, "images_per_minute": 0}}
+    serve.run(bind_application(args, options), name="janus-images", route_prefix="/")
+    yield serve_cluster
 
 
 def generate(base: str, **body):
@@ -393,3 +496,135 @@ def test_a_burst_past_the_queue_limit_gets_503_with_retry_after_and_nothing_else
             assert response.headers["Retry-After"].isdigit()
             assert response.json()["error"]["type"] == "overloaded"
     assert generate(server, prompt="after the burst", seed=1).status_code == 200
+
+
+# --------------------------------------------------------------------------- integration: API keys
+
+KEYS_ENV = "JANUS_TEST_API_KEYS"
+KEY_LIMITED, KEY_IMAGES, KEY_ROTATED = "delta-" + "d" * 26, "echo-" + "e" * 27, "foxtrot-" + "f" * 24
+KEYED_ACCESS = {"requests_per_minute": 6, "images_per_minute": 8}
+"""Small enough to reach in a test; the model's max_n (4) fits in the images limit."""
+
+
+@pytest.fixture(scope="module")
+def keyed_server(serve_cluster, tmp_path_factory):
+    """A second application on the same Serve instance, at /keyed: the debug model behind two
+    ImageApi replicas that take KEY_A from an environment variable and KEY_B (and the keys of the
+    limit tests) from a file. Yields (base URL, key file)."""
+    from ray import serve
+
+    key_file = tmp_path_factory.mktemp("keys") / "api-keys"
+    key_file.write_text(f"# one per line\n{KEY_B}\n{KEY_LIMITED}\n{KEY_IMAGES}\n")
+    options = deployment_options()
+    options["ImageModel"] = {"num_replicas": 1, "max_ongoing_requests": 8, "ray_actor_options": {"num_cpus": 1},
+                             "user_config": {"max_batch_size": 8, "batch_wait_timeout_s": 0.02, "registry_poll_s": 0}}
+    options["ImageApi"].update(num_replicas=2, ray_actor_options={
+        "num_cpus": 0, "runtime_env": {"env_vars": {KEYS_ENV: KEY_A}}})
+    args = {"model": "debug", "device": "cpu",
+            "access": {"api_keys_env": KEYS_ENV, "api_keys_file": str(key_file), **KEYED_ACCESS}}
+    serve.run(bind_application(args, options), name="janus-images-keyed", route_prefix="/keyed")
+    yield f"{serve_cluster}/keyed", key_file
+    serve.delete("janus-images-keyed")
+
+
+def with_key(key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+@pytest.mark.integration
+def test_requests_without_a_key_or_with_a_wrong_one_get_401_before_the_body_is_read(keyed_server):
+    import requests
+
+    base, _ = keyed_server
+    cases = [
+        requests.get(f"{base}/v1/models", timeout=30),
+        requests.get(f"{base}/v1/models", headers=with_key(KEY_C), timeout=30),
+        requests.get(f"{base}/v1/models", headers={"Authorization": KEY_A}, timeout=30),  # no "Bearer"
+        requests.post(f"{base}/v1/images/generations", json={"prompt": "a red circle"}, timeout=30),
+        # A body that would be a 400 is never parsed without a key.
+        requests.post(f"{base}/v1/images/generations", data="not json", headers=with_key(KEY_C), timeout=30),
+        requests.post(f"{base}/v1/images/edits", files=[("image", ("a.png", png_bytes(), "image/png"))],
+                      data={"prompt": "x"}, headers=with_key(KEY_A + "x"), timeout=30),
+    ]
+    for response in cases:
+        assert response.status_code == 401, response.text
+        error = response.json()["error"]
+        assert error["code"] == "invalid_api_key" and error["type"] == "invalid_request_error"
+        assert response.headers["WWW-Authenticate"] == "Bearer"
+        assert KEY_A not in response.text and KEY_C not in response.text
+    assert requests.get(f"{base}/healthz", timeout=30).status_code == 200  # health stays open
+
+
+@pytest.mark.integration
+def test_either_of_two_keys_is_accepted(keyed_server):
+    import requests
+
+    base, _ = keyed_server
+    for key in (KEY_A, KEY_B):  # from the environment variable, from the file
+        assert requests.get(f"{base}/v1/models", headers=with_key(key), timeout=30).status_code == 200
+        response = requests.post(f"{base}/v1/images/generations", json={"prompt": "a blue square", "seed": 1},
+                                 headers=with_key(key), timeout=120)
+        assert response.status_code == 200, response.text
+        assert decoded(response)[0].size == (64, 64)
+
+
+@pytest.mark.integration
+def test_the_openai_client_sends_its_api_key_and_gets_images(keyed_server):
+    import openai
+
+    base, _ = keyed_server
+    client = openai.OpenAI(api_key=KEY_A, base_url=f"{base}/v1", max_retries=0, timeout=120)
+    assert [m.id for m in client.models.list().data] == ["debug"]
+    result = client.images.generate(model="debug", prompt="a green triangle", n=1, size="64x64",
+                                    response_format="b64_json")
+    image = Image.open(io.BytesIO(base64.b64decode(result.data[0].b64_json)))
+    assert image.format == "PNG" and image.size == (64, 64)
+    wrong = openai.OpenAI(api_key=KEY_C, base_url=f"{base}/v1", max_retries=0, timeout=30)
+    with pytest.raises(openai.AuthenticationError):
+        wrong.models.list()
+
+
+@pytest.mark.integration
+def test_past_a_keys_limits_the_answer_is_429_with_retry_after_across_two_api_replicas(keyed_server):
+    import requests
+    from ray import serve
+    from ray.serve._private.common import ReplicaState
+
+    base, _ = keyed_server
+    api = serve.status().applications["janus-images-keyed"].deployments["ImageApi"]
+    assert api.replica_states.get(ReplicaState.RUNNING, 0) == 2
+    burst = KEYED_ACCESS["requests_per_minute"] + 4
+
+    def ask(k: int):
+        return requests.post(f"{base}/v1/images/generations", json={"prompt": "a busy street", "seed": k},
+                             headers=with_key(KEY_LIMITED), timeout=120)
+
+    # Concurrent, so the proxy spreads them over both replicas; each replica counting on its
+    # own would let up to twice the limit through.
+    with concurrent.futures.ThreadPoolExecutor(burst) as pool:
+        responses = list(pool.map(ask, range(burst)))
+    statuses = sorted(r.status_code for r in responses)
+    assert statuses == [200] * KEYED_ACCESS["requests_per_minute"] + [429] * 4, statuses
+    for response in responses:
+        if response.status_code == 429:
+            assert 1 <= int(response.headers["Retry-After"]) <= 60
+            error = response.json()["error"]
+            assert (error["type"], error["code"]) == ("requests", "rate_limit_exceeded")
+    # Another key is not affected; its images are counted on their own.
+    images = [requests.post(f"{base}/v1/images/generations", json={"prompt": "a cat", "n": n, "seed": 2},
+                            headers=with_key(KEY_IMAGES), timeout=120) for n in (4, 4, 1)]
+    assert [r.status_code for r in images] == [200, 200, 429], [r.text for r in images]
+    assert images[2].json()["error"]["type"] == "images" and images[2].headers["Retry-After"].isdigit()
+
+
+@pytest.mark.integration
+def test_a_key_added_to_the_file_works_on_every_replica_without_a_restart(keyed_server):
+    import requests
+
+    base, key_file = keyed_server
+    assert requests.get(f"{base}/v1/models", headers=with_key(KEY_ROTATED), timeout=30).status_code == 401
+    key_file.write_text(key_file.read_text() + f"{KEY_ROTATED}\n")
+    time.sleep(1.5)  # the replicas look at the file at most once a second
+    statuses = {requests.get(f"{base}/v1/models", headers=with_key(KEY_ROTATED), timeout=30).status_code
+                for _ in range(8)}
+    assert statuses == {200}

@@ -39,6 +39,14 @@ def test_a_port_configured_twice_is_an_error(tmp_path: Path):
         LocalStack(run_dir=tmp_path, s3_port=9340)
 
 
+@pytest.mark.parametrize("host", ["0.0.0.0", "192.168.1.20", "::", "my-laptop.lan"])
+def test_the_fixed_local_credentials_are_never_bound_beyond_loopback(tmp_path: Path, host: str):
+    with pytest.raises(ValueError, match="not a loopback address.*credentials are fixed"):
+        LocalStack(run_dir=tmp_path, host=host)
+    for loopback in ("127.0.0.1", "127.0.0.2", "::1", "localhost"):
+        assert LocalStack(run_dir=tmp_path, host=loopback).host == loopback
+
+
 def test_env_without_a_running_ray_has_no_ray_variables(tmp_path: Path):
     env = LocalStack(run_dir=tmp_path).env()
     assert not [name for name in env if name.startswith("RAY_")]

@@ -56,7 +56,7 @@ def test_default_masking_grid_is_the_issue_grid():
      "grid and overrides both set masking.t2i_text_drop"),
     (CfgSweepConfig, CFG_DEBUG, "grid={cfg_weigth: [1.0]}", "did you mean 'cfg_weight'"),
     (CfgSweepConfig, CFG_DEBUG, "grid={}", "grid is empty"),
-    (CfgSweepConfig, CFG_DEBUG, "metric=fid", "metric must be clip_t or clip_i"),
+    (CfgSweepConfig, CFG_DEBUG, "metric=fid", "metric must be one of clip_t, clip_i"),
 ])
 def test_sweep_config_errors_name_the_key(cls, path, override, message):
     with pytest.raises(ConfigError, match=message):

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import dataclasses
+import ipaddress
 import json
 import os
 import re
@@ -154,7 +155,7 @@ class LocalStack:
     run_dir: Path = field(default_factory=default_run_dir)
     """Folder for data (SeaweedFS volumes, MLflow's SQLite), logs, PID files and env.sh."""
     host: str = "127.0.0.1"
-    """Address the services bind to and clients use."""
+    """Address the services bind to and clients use; loopback only (the credentials are fixed)."""
     s3_port: int = 8333
     """SeaweedFS S3 gateway (HTTP); its gRPC port is this + 1."""
     seaweedfs_master_port: int = 9340
@@ -207,6 +208,12 @@ class LocalStack:
     def __post_init__(self) -> None:
         # Absolute, because it ends up in a sqlite:/// URI and in Ray's --temp-dir.
         self.run_dir = Path(self.run_dir).expanduser().resolve()
+        if not _is_loopback(self.host):
+            # The S3 keys below are written in this repository and MLflow asks for none: on any
+            # other interface, anyone on the network could read and overwrite runs and models.
+            raise ValueError(f"host {self.host!r} is not a loopback address: the local stack's S3 "
+                             f"credentials are fixed and public and its MLflow has no login, so it only "
+                             f"binds to 127.0.0.1, ::1 or localhost; a shared deployment is infra/")
         if not _BUCKET_NAME.match(self.bucket):
             raise ValueError(f"bucket {self.bucket!r} is not a valid S3 bucket name")
         if self.ray_num_cpus < 1:
@@ -868,6 +875,15 @@ class LocalStack:
 
 
 # --------------------------------------------------------------------- process helpers
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # any other host name may resolve to anything
 
 
 def _tool(name: str) -> str:

@@ -113,9 +113,8 @@ def reconstruction_sheet(vq: JanusVQVAE, pixels: torch.Tensor, columns: int = 16
 
 
 def train_and_save_vq(out: str | Path, **settings) -> dict:
-    """Trains a mini VQ from scratch with `settings` (VQTrainConfig fields) and writes it to `out`."""
-    from janus_lab.miniature.vq_train import evaluate_psnr
-
+    """Trains a mini VQ with `settings` (VQTrainConfig fields) and writes it to `out`; the last
+    step is always logged, so the file written last holds the final weights."""
     out = Path(out)
     cfg = VQTrainConfig(**settings)
     torch.manual_seed(cfg.seed)
@@ -128,19 +127,25 @@ def train_and_save_vq(out: str | Path, **settings) -> dict:
         save_vq(vq, out, {"command": command.strip(), "settings": dataclasses.asdict(cfg), "history": history,
                           "finished": False, "continues": previous})
 
-    history = train_vq(vq, cfg, pixels, on_log=checkpoint)
-    shipped = load_mini_vq_from_state(vq)  # measure what the float16 file gives, not the float32 weights
-    record = {"command": command.strip(), "settings": dataclasses.asdict(cfg), "history": history,
-              "finished": True, "continues": previous,
-              "eval_scenes": {"seed": EVAL_SCENES_SEED, "count": EVAL_SCENES},
-              "eval_psnr_db": round(evaluate_psnr(shipped, pixels), 3)}
-    save_vq(vq, out, record)
-    reconstruction_sheet(shipped, pixels[:32]).save(out / "vq_reconstructions.png")
+    try:
+        train_vq(vq, cfg, pixels, on_log=checkpoint)
+    except KeyboardInterrupt:  # Ctrl-C keeps the last logged checkpoint, measured and recorded
+        print("interrupted: finishing the last checkpoint", flush=True)
+    return finalize_vq(out)
+
+
+def finalize_vq(folder: str | Path) -> dict:
+    """Measures a written tokenizer as it is stored (float16) on the fixed evaluation scenes and
+    records the PSNR and a reconstruction sheet beside it; the record is what the test reproduces."""
+    from janus_lab.miniature.vq_train import evaluate_psnr
+
+    folder = Path(folder)
+    record = json.loads((folder / "vq.json").read_text())
+    vq = load_mini_vq(folder)
+    pixels = eval_pixels()
+    steps = record["history"][-1]["step"] if record["history"] else 0
+    record.update(finished=True, steps_trained=steps, eval_scenes={"seed": EVAL_SCENES_SEED, "count": EVAL_SCENES},
+                  eval_psnr_db=round(evaluate_psnr(vq, pixels), 3))
+    (folder / "vq.json").write_text(json.dumps(record, indent=2) + "\n")
+    reconstruction_sheet(vq, pixels[:32]).save(folder / "vq_reconstructions.png")
     return record
-
-
-def load_mini_vq_from_state(vq: JanusVQVAE) -> JanusVQVAE:
-    """A copy of `vq` rounded through float16, as the shipped file stores it."""
-    copy = JanusVQVAE(mini_vq_config())
-    copy.load_state_dict({k: v.to(torch.float16).float() for k, v in vq.state_dict().items()})
-    return copy.eval().requires_grad_(False)

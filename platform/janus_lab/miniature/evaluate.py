@@ -59,6 +59,19 @@ def evaluate_world(engine: GenerationEngine, records: list[WorldRecord] | None =
     return WorldEvaluation(summarise(scores), chance_scores(records), copy_input_scores(records), scores, images)
 
 
+def vq_ceiling(vq, records: list[WorldRecord]) -> dict[str, float]:
+    """What the targets themselves score after the VQ round trip (encode, decode): the most any
+    model that draws through this tokenizer can score."""
+    from janus_lab.miniature.vq_train import round_trip, scenes_to_tensor
+    from janus_lab.model.vq import tensor_to_images
+
+    images = []
+    for start in range(0, len(records), 64):
+        pixels = scenes_to_tensor([r.output_image() for r in records[start:start + 64]])
+        images += tensor_to_images(round_trip(vq, pixels).permute(0, 2, 3, 1))
+    return summarise([score_sample(r, image) for r, image in zip(records, images)])
+
+
 def comparison_grid(records: list[WorldRecord], columns: dict[str, list[Image.Image]], scale: int = 2) -> Image.Image:
     """A picture: one row per record with its inputs, the target and each model's image.
 
@@ -125,15 +138,17 @@ SCORE_ROWS = (("t2i", "text-to-image (prompt followed)"), ("edit", "edit (instru
 
 
 def scores_table(columns: dict[str, dict[str, float]], chance: dict[str, float], copy: dict[str, float],
-                 samples: dict[str, int]) -> str:
-    """A Markdown table: one row per score, one column per model, chance and copy-the-input beside."""
+                 samples: dict[str, int], ceiling: dict[str, float]) -> str:
+    """A Markdown table: one row per score, one column per model; beside them chance (a random
+    scene of the world), copying the input, and the target through the VQ (the ceiling)."""
     names = list(columns)
-    lines = ["| score | " + " | ".join(names) + " | chance | copy input |",
-             "|---|" + "---|" * (len(names) + 2)]
+    lines = ["| score | " + " | ".join(names) + " | chance | copy input | target via VQ |",
+             "|---|" + "---|" * (len(names) + 3)]
     for key, title in SCORE_ROWS + tuple((k, k) for k in sorted(chance) if k.startswith("edit.")):
         cells = [f"{columns[n].get(key, float('nan')):.3f}" for n in names]
         lines.append(f"| {title} (n={samples.get(key, 0)}) | " + " | ".join(cells)
-                     + f" | {chance.get(key, float('nan')):.3f} | {copy.get(key, float('nan')):.3f} |")
+                     + f" | {chance.get(key, float('nan')):.3f} | {copy.get(key, float('nan')):.3f}"
+                     f" | {ceiling.get(key, float('nan')):.3f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -149,22 +164,25 @@ def run_evaluate_world(cfg: EvaluateWorldConfig) -> dict:
     records = evaluation_records()
     labels = cfg.labels or cfg.models
     results: dict[str, WorldEvaluation] = {}
+    ceiling: dict[str, float] = {}
     for label, uri in zip(labels, cfg.models):
-        engine = GenerationEngine.from_bundle(load_generation_model(uri))
+        bundle = load_generation_model(uri)
+        ceiling = ceiling or vq_ceiling(bundle.model.model.vqmodel, records)
+        engine = GenerationEngine.from_bundle(bundle)
         results[label] = evaluate_world(engine, records, samples=cfg.samples, seed=cfg.seed,
                                         cfg_weight=cfg.cfg_weight, cfg_weight2=cfg.cfg_weight2,
                                         temperature=cfg.temperature)
         log.info("%s: %s", label, json.dumps({k: round(v, 3) for k, v in results[label].summary.items()}))
     first = next(iter(results.values()))
     samples = {key: _count(first.samples, key) for key in first.summary}
-    table = scores_table({k: v.summary for k, v in results.items()}, first.chance, first.copy_input, samples)
+    table = scores_table({k: v.summary for k, v in results.items()}, first.chance, first.copy_input, samples, ceiling)
     (out / "scores.md").write_text(table)
     (out / "scores.json").write_text(json.dumps(
         {"models": dict(zip(labels, cfg.models)), "settings": {"samples": cfg.samples, "cfg_weight": cfg.cfg_weight,
                                                                 "cfg_weight2": cfg.cfg_weight2,
                                                                 "temperature": cfg.temperature, "seed": cfg.seed},
          "scores": {k: v.summary for k, v in results.items()}, "chance": first.chance,
-         "copy_input": first.copy_input, "samples": samples}, indent=2) + "\n")
+         "copy_input": first.copy_input, "target_via_vq": ceiling, "samples": samples}, indent=2) + "\n")
     shown = _grid_rows(records, cfg.grid_rows)
     columns = {label: [result.images[i * cfg.samples] for i in shown] for label, result in results.items()}
     comparison_grid([records[i] for i in shown], columns).save(out / "grid.png")

@@ -7,13 +7,15 @@ from typing import Any
 
 from ray.serve import Application
 
+from janus_lab.serving.access import ApiLimiter
 from janus_lab.serving.api import ImageApi
 from janus_lab.serving.model import ImageModel
-from janus_lab.serving.settings import ModelUserConfig, SamplingDefaults, ServeArgs, ServeLimits
+from janus_lab.serving.settings import AccessConfig, ModelUserConfig, SamplingDefaults, ServeArgs, ServeLimits
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:
-    """The application: `ImageApi` (ingress) bound to an `ImageModel`.
+    """The application: `ImageApi` (ingress) bound to an `ImageModel` and the `ApiLimiter`
+    that counts each API key's use for every `ImageApi` replica.
 
     Args:
         args: the `args` of serve/config.yaml (see `ServeArgs`); checked here, so a bad key
@@ -21,7 +23,8 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     """
     args = dict(args or {})
     ServeArgs.parse(args)
-    return ImageApi.bind(ImageModel.bind(args), args)
+    return ImageApi.bind(ImageModel.bind(args), args, ApiLimiter.bind(args))
 
 
-__all__ = ["build_app", "ImageApi", "ImageModel", "ModelUserConfig", "SamplingDefaults", "ServeArgs", "ServeLimits"]
+__all__ = ["build_app", "AccessConfig", "ApiLimiter", "ImageApi", "ImageModel", "ModelUserConfig", "SamplingDefaults",
+           "ServeArgs", "ServeLimits"]

@@ -4,7 +4,11 @@
     POST /v1/images/edits         multipart: image (one or more files), prompt, n, cfg_weight,
                                   cfg_weight2, temperature, seed, response_format
     GET  /v1/models               the registered version being served, and its run
-    GET  /healthz
+    GET  /healthz                 open to all; every other endpoint needs `Authorization: Bearer <key>`
+                                  when `args.access` names keys (janus_lab.serving.access)
+
+The key is checked before the body is read: none or a wrong one is a 401. Past a key's
+requests or images per minute the answer is a 429 with Retry-After.
 
 Errors use OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, with `param`
 naming the offending field. Everything a request can get wrong is checked here or in the model
@@ -15,6 +19,7 @@ deployment's `validate_request` before any generation; a full queue is a 503 wit
 
 import base64
 import io
+import logging
 import math
 import time
 import warnings
@@ -30,7 +35,10 @@ from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import UploadFile
 
 from janus_lab.generation.requests import SEED_LIMIT
+from janus_lab.serving.access import ApiKeys
 from janus_lab.serving.settings import ServeArgs, ServeLimits
+
+logger = logging.getLogger("ray.serve")
 
 RESPONSE_FORMATS = ("b64_json", "png")
 RETRY_AFTER_S = 1
@@ -44,16 +52,22 @@ ignored, size must match the model's)."""
 
 
 class ApiError(Exception):
-    """A request the API refuses: the HTTP status, the field, and why."""
+    """A request the API refuses: the HTTP status, the field, and why (plus OpenAI's error
+    `type` and `code` where they differ from the defaults, and response headers)."""
 
-    def __init__(self, status: int, param: str | None, message: str):
+    def __init__(self, status: int, param: str | None, message: str, *, kind: str | None = None,
+                 code: str | int | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.param, self.message = status, param, message
+        self.kind, self.code, self.headers = kind, code, headers
 
 
-def error_response(status: int, param: str | None, message: str, headers: dict | None = None) -> JSONResponse:
-    kind = "invalid_request_error" if status < 500 else ("overloaded" if status == 503 else "server_error")
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": status}},
+def error_response(status: int, param: str | None, message: str, headers: dict | None = None, *,
+                   kind: str | None = None, code: str | int | None = None) -> JSONResponse:
+    if kind is None:
+        kind = "invalid_request_error" if status < 500 else ("overloaded" if status == 503 else "server_error")
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param,
+                                   "code": status if code is None else code}},
                         status_code=status, headers=headers)
 
 
@@ -169,7 +183,7 @@ app = FastAPI(title="janus-lab images", description="Text-to-image and editing w
 
 @app.exception_handler(ApiError)
 async def _api_error(_: Request, err: ApiError) -> JSONResponse:
-    return error_response(err.status, err.param, err.message)
+    return error_response(err.status, err.param, err.message, err.headers, kind=err.kind, code=err.code)
 
 
 @app.exception_handler(RequestValidationError)
@@ -182,24 +196,35 @@ async def _validation_error(_: Request, err: RequestValidationError) -> JSONResp
 @serve.deployment(name="ImageApi", max_ongoing_requests=256, ray_actor_options={"num_cpus": 0})
 @serve.ingress(app)
 class ImageApi:
-    """Parses and checks HTTP requests, then awaits the model deployment.
+    """Checks the API key, parses and checks HTTP requests, then awaits the model deployment.
 
     Args:
         model: handle of the `ImageModel` deployment.
-        args: the application's `args` (limits).
+        args: the application's `args` (limits, access).
+        limiter: handle of the `ApiLimiter` deployment that counts every key's use across API
+            replicas (None: no per-key limits).
     """
 
-    def __init__(self, model: DeploymentHandle, args: dict[str, Any]):
+    def __init__(self, model: DeploymentHandle, args: dict[str, Any], limiter: DeploymentHandle | None = None):
+        parsed = ServeArgs.parse(args)
         self.model = model
-        self.limits = ServeArgs.parse(args).limits
+        self.limits = parsed.limits
+        self.access = parsed.access
+        self.keys = ApiKeys(parsed.access)  # an unset or empty key source fails the replica here
+        self.limiter = limiter if (parsed.access.requests_per_minute or parsed.access.images_per_minute) else None
         self.last_model: dict[str, Any] | None = None
+        if parsed.access.open:
+            logger.warning(self.keys.describe())
+        else:
+            logger.info(self.keys.describe())
 
     @app.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
         return {"status": "ok", "model": self.last_model}
 
     @app.get("/v1/models")
-    async def models(self) -> Response:
+    async def models(self, request: Request) -> Response:
+        self._authorize(request)
         try:
             info = await self.model.info.remote()
         except BackPressureError:
@@ -209,6 +234,7 @@ class ImageApi:
 
     @app.post("/v1/images/generations")
     async def generations(self, request: Request) -> Response:
+        key = self._authorize(request)
         try:
             body = await request.json()
         except Exception:  # noqa: BLE001 - any parse failure is the client's
@@ -217,10 +243,12 @@ class ImageApi:
             raise ApiError(400, None, f"the body must be a JSON object, got {type(body).__name__}")
         payload, response_format = parse_fields(body, GENERATION_FIELDS, self.limits, self._image_size(),
                                                 from_text=False)
+        await self._admit(key, payload.get("parallel_size", 1))
         return await self._generate(payload, response_format)
 
     @app.post("/v1/images/edits")
     async def edits(self, request: Request) -> Response:
+        key = self._authorize(request)
         most = self.limits.max_input_images * self.limits.max_upload_bytes + (1 << 20)
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > most:
@@ -258,6 +286,7 @@ class ImageApi:
             check_image(data, self.limits, f"image[{index}]")
             images.append(data)
         payload["input_images"] = images
+        await self._admit(key, payload.get("parallel_size", 1))
         return await self._generate(payload, response_format)
 
     async def _generate(self, payload: dict[str, Any], response_format: str) -> Response:
@@ -280,6 +309,38 @@ class ImageApi:
             "seed": result["seed"],
             "model": result["model"],
         }, headers=headers)
+
+    def _authorize(self, request: Request) -> str:
+        """The id of the request's API key (the body is not read).
+
+        Raises:
+            ApiError: 401 for a missing, malformed or unknown key (the key is never echoed).
+        """
+        key = self.keys.identify(request.headers.get("authorization"))
+        if key is not None:
+            return key
+        sent = request.headers.get("authorization")
+        message = ("invalid API key" if sent and sent.strip().lower().startswith("bearer ")
+                   else "missing API key: send the header `Authorization: Bearer <key>`")
+        raise ApiError(401, None, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+    async def _admit(self, key: str, images: int) -> None:
+        """Counts a checked request against its key's limits, in the limiter all replicas share.
+
+        Raises:
+            ApiError: 429 with Retry-After past a limit (nothing is counted then).
+        """
+        if self.limiter is None:
+            return
+        decision = await self.limiter.admit.remote(key, images)
+        if decision["allowed"]:
+            return
+        limit = decision["limit"]
+        most = self.access.requests_per_minute if limit == "requests" else self.access.images_per_minute
+        raise ApiError(429, None, f"rate limit: key {key} may ask for {most} {limit} per minute; retry in "
+                                  f"{decision['retry_after_s']} s",
+                       kind=limit, code="rate_limit_exceeded",
+                       headers={"Retry-After": str(decision["retry_after_s"])})
 
     def _image_size(self) -> int | None:
         return self.last_model["image_size"] if self.last_model else None

@@ -7,6 +7,8 @@ go through the typed config loader, so a misspelt key fails the deploy naming th
 
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -58,6 +60,44 @@ class ServeLimits:
                                 max_input_images=self.max_input_images, max_input_pixels=self.max_input_pixels)
 
 
+ENV_VAR_NAME = re.compile(r"[A-Z_][A-Z0-9_]*")
+"""What `access.api_keys_env` must look like: a variable's name, not a key."""
+
+LITERAL_KEY_NAMES = ("api_key", "api_keys", "apikey", "key", "keys", "token", "tokens")
+"""Names under `args` or `args.access` that would hold a key written in the config."""
+
+
+@dataclass
+class AccessConfig:
+    """Who may call the image endpoints, and how much: API keys and per-key limits."""
+
+    api_keys_env: str | None = None
+    """Environment variable of the API replicas holding the accepted keys, comma-separated
+    (on KubeRay, from a Secret). Read when a replica starts."""
+    api_keys_file: str | None = None
+    """Absolute path of a file of accepted keys, one per line, `#` comments (on KubeRay, a
+    mounted Secret). Re-read when it changes, so a key rotates without a restart."""
+    requests_per_minute: int = 0
+    """Most image requests one key may make in any 60 s; 0: no limit. 429 past it."""
+    images_per_minute: int = 0
+    """Most images (the sum of `n`) one key may ask for in any 60 s; 0: no limit."""
+
+    def __post_init__(self) -> None:
+        _check_non_negative(self, "requests_per_minute", "images_per_minute")
+        # The value is not quoted back: it may be a key someone pasted in.
+        if self.api_keys_env is not None and not ENV_VAR_NAME.fullmatch(self.api_keys_env):
+            raise ValueError("api_keys_env must be the name of an environment variable (upper case, "
+                             "like JANUS_API_KEYS), not a key: keys are never written in the config")
+        if self.api_keys_file is not None and not os.path.isabs(self.api_keys_file):
+            raise ValueError("api_keys_file must be an absolute path: replicas run in their own "
+                             "working directory")
+
+    @property
+    def open(self) -> bool:
+        """No key source: anyone who reaches the port may call (the local demo)."""
+        return self.api_keys_env is None and self.api_keys_file is None
+
+
 @dataclass
 class ServeArgs:
     """The application's `args` in serve/config.yaml."""
@@ -77,6 +117,8 @@ class ServeArgs:
     """A YAML of SamplingDefaults fields (the CFG sweep's best setting); overrides `defaults`."""
     limits: ServeLimits = field(default_factory=ServeLimits)
     """Request limits."""
+    access: AccessConfig = field(default_factory=AccessConfig)
+    """API keys and per-key rate limits."""
 
     def __post_init__(self) -> None:
         if not self.model.strip():
@@ -85,15 +127,28 @@ class ServeArgs:
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if 0 < self.access.images_per_minute < self.limits.max_n:
+            raise ValueError(f"access.images_per_minute ({self.access.images_per_minute}) must be 0 or at "
+                             f"least limits.max_n ({self.limits.max_n}), or a request of n images never passes")
 
     @classmethod
     def parse(cls, args: Mapping[str, Any] | None) -> "ServeArgs":
         """`args` from the config file, checked; `defaults_file` is read here.
 
         Raises:
-            ConfigError: an unknown key, a wrong type, or an unreadable defaults file.
+            ConfigError: an unknown key, a wrong type, an unreadable defaults file, or an API
+                key written in the config.
         """
-        parsed = from_dict(cls, dict(args or {}))
+        args = dict(args or {})
+        access = args.get("access")
+        for where, section in (("", args), ("access.", access if isinstance(access, Mapping) else {})):
+            for name in section:
+                if str(name).lower() in LITERAL_KEY_NAMES:
+                    raise ConfigError(
+                        f"{where}{name}: API keys are never written in the config (it is committed, and "
+                        f"`serve status` shows it); name an environment variable with access.api_keys_env "
+                        f"or a file with access.api_keys_file")
+        parsed = from_dict(cls, args)
         if parsed.defaults_file:
             try:
                 parsed.defaults = load_config(SamplingDefaults, parsed.defaults_file)
