@@ -24,6 +24,9 @@ from janus_lab.model.builders import mini_init
 
 
 def main(argv: list[str]) -> None:
+    if {"-h", "--help"} & set(argv):
+        print(__doc__)
+        return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     overrides = dict(arg.split("=", 1) for arg in argv)
     out = overrides.pop("out", str(MINI_DIR))
