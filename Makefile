@@ -67,7 +67,8 @@ sample-data: | $(PY)
 
 # --- the two README commands ---
 #   make test      the whole suite (unit + integration) in .venv
-#   make demo      local stack -> sample data -> ingest to S3 -> finetune -> promote -> generate -> 2x2 ablation -> serve
+#   make demo      the miniature study on the local stack: world data -> ingest to S3 -> finetune -> score ->
+#                  promote -> generate -> 2x2 ablation x 2 seeds -> CFG sweep -> serve
 
 .PHONY: test demo
 test: venv
@@ -75,7 +76,6 @@ test: venv
 
 demo: venv
 	$(MAKE) up
-	$(MAKE) sample-data
 	bash infra/local/demo.sh
 
 # --- generation ---

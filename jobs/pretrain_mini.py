@@ -6,8 +6,9 @@
 Starts from `mini-init` (the shipped VQ tokenizer, a seeded random language model) and trains
 on the world's text-to-image records, held-out scenes excluded. Writes `<out>/base.safetensors`
 (float16, everything but the VQ tokenizer) and `<out>/base.json` (command, settings, loss
-history). Then scores the result on the held-out prompts (`python jobs/evaluate_mini.py
-model=mini`). Not part of the demo or the suite.
+history, and the held-out text-to-image score of the stored file, which a test reproduces).
+Not part of the demo or the suite: `python jobs/evaluate_world.py models=[mini]` scores it on
+every held-out record.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import sys
 
 import torch
 
-from janus_lab.miniature.assets import MINI_DIR, save_base
+from janus_lab.miniature.assets import MINI_DIR, finalize_base, save_base
 from janus_lab.miniature.pretrain import PretrainConfig, pretrain
 from janus_lab.model.builders import mini_init
 
@@ -38,7 +39,9 @@ def main(argv: list[str]) -> None:
     command = "python jobs/pretrain_mini.py " + " ".join(argv)
     save_base(bundle.model, out, {"command": command.strip(), "settings": dataclasses.asdict(cfg),
                                   "history": history})
-    print(f"wrote {out}/base.safetensors")
+    heldout = finalize_base(out)["heldout"]
+    print(f"wrote {out}/base.safetensors: held-out text-to-image score {heldout['t2i']:.3f} "
+          f"(chance {heldout['chance_t2i']:.3f}, {heldout['prompts']} prompts x {heldout['samples']} images)")
 
 
 if __name__ == "__main__":

@@ -220,6 +220,10 @@ def test_seeds_are_averaged_into_mean_and_spread(tmp_path):
     assert "val_nll (mean ± sd)" in markdown.splitlines()[0]
     assert "| 0.5 | 0,1 | 1.3 ± 0.42 (n=2) | done * |" in markdown
     assert table_2x2().aggregated().rows == table_2x2().rows  # no seed key: unchanged
+    order = ResultsTable(params=["masking.t2i_text_drop", "data.shuffle_seed"], metrics=["val_nll"])
+    for seed, nll in [(0, 2.0), (1, 3.0)]:
+        order.add({"masking.t2i_text_drop": 0.1, "data.shuffle_seed": seed}, {"val_nll": nll}, "done", f"s{seed}")
+    assert order.aggregated().rows[0]["val_nll"] == pytest.approx(2.5)  # any key ending in "seed" is a seed
     means.save_heatmap(tmp_path / "means.png", "val_nll", "min")
 
 

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# The whole janus-lab loop on the local stack, with the debug model and the sample dataset.
-# Run through `make demo` (which starts the stack and writes data/sample first).
+# The whole janus-lab loop on the local stack, on the miniature study: the shipped `mini` base
+# (draws the world's scenes from text, has never seen an edit) fine-tuned on text-to-image plus
+# edit records of the procedural world into a model that edits (docs/miniature.md).
+# Run through `make demo` (which starts the stack first). Sizes can be set from the
+# environment: DEMO_T2I, DEMO_EDITS (records), DEMO_STEPS (fine-tuning steps), DEMO_SWEEP_STEPS.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 # shellcheck disable=SC1091
@@ -8,35 +11,52 @@ source run/stack/env.sh
 PY=.venv/bin/python
 RAY=.venv/bin/ray
 RUN="demo-$(date +%Y%m%d-%H%M%S)"
-DATASET="s3://${JANUS_BUCKET}/datasets/sample"
+WORLD=data/mini-world
+DATASET="s3://${JANUS_BUCKET}/datasets/mini-world"
+OUT="outputs/${RUN}"
+mkdir -p "$OUT"
 
-echo "== 1/6 ingest data/sample -> ${DATASET} (Ray Data on the local cluster)"
-"$PY" jobs/ingest.py --config jobs/configs/ingest_sample.yaml "output.uri=${DATASET}" output.overwrite=true
+echo "== 1/8 the miniature world in the ShareGPT-4o-Image layout (${WORLD}), ingested to ${DATASET} (Ray Data)"
+if [ ! -f "${WORLD}/text_to_image.json" ]; then
+    "$PY" jobs/sample_data.py --world mini --out "$WORLD" --t2i "${DEMO_T2I:-1000}" --edits "${DEMO_EDITS:-2000}"
+fi
+"$PY" jobs/ingest.py --config jobs/configs/ingest_mini.yaml "source.path=${WORLD}" "output.uri=${DATASET}" \
+    output.overwrite=true
 
-echo "== 2/6 fine-tune the debug model: ray job submit jobs/finetune.py (run ${RUN})"
+echo "== 2/8 fine-tune the mini base on text-to-image + edits: ray job submit jobs/finetune.py (run ${RUN})"
 LOG="run/${RUN}-finetune.log"
-"$RAY" job submit --working-dir . -- python jobs/finetune.py --config jobs/configs/debug.yaml \
-    "name=${RUN}" "data.uri=${DATASET}" "train.storage_path=s3://${JANUS_BUCKET}/runs" train.eval_every=10 \
-    | tee "$LOG"
+"$RAY" job submit --working-dir . -- python jobs/finetune.py --config jobs/configs/mini.yaml \
+    "name=${RUN}" "data.uri=${DATASET}" "train.storage_path=s3://${JANUS_BUCKET}/runs" \
+    "train.max_steps=${DEMO_STEPS:-400}" | tee "$LOG"
 RUN_ID=$(sed -n 's/.*MLflow run id: \([0-9a-f]\{32\}\).*/\1/p' "$LOG" | tail -n 1)
 
-echo "== 3/6 register the export and promote it (janus-4o @challenger, @champion if better on val_nll)"
-"$PY" jobs/promote.py "run_id=\"${RUN_ID}\""   # quoted: settings are read as YAML
+echo "== 3/8 base vs fine-tuned on the held-out records, read by the world's exact scorer"
+"$PY" jobs/evaluate_world.py "models=[mini,s3://${JANUS_BUCKET}/runs/${RUN}/export]" "labels=[base,fine-tuned]" \
+    "output_dir=${OUT}/scores" cfg_weight=2 cfg_weight2=2
 
-echo "== 4/6 generate with models:/janus-4o@champion"
+echo "== 4/8 register the export and promote it: janus-4o @champion only if it beats the champion on world_mean"
+"$PY" jobs/promote.py "run_id=\"${RUN_ID}\"" metric=world_mean direction=maximize
+
+echo "== 5/8 generate with models:/janus-4o@champion"
 "$PY" jobs/generate.py "model=models:/janus-4o@champion" "prompt=a red circle on a blue background" \
-    parallel_size=4 seed=0 "output_dir=outputs/${RUN}"
+    parallel_size=4 seed=0 "output_dir=${OUT}/generated"
 
-echo "== 5/6 2 x 2 masking ablation: ray job submit sweeps/masking_ablation.py (4 short fine-tunes, table at the end)"
-"$RAY" job submit --working-dir . -- python sweeps/masking_ablation.py --config sweeps/configs/debug.yaml \
+echo "== 6/8 2 x 2 masking ablation x 2 seeds: ray job submit sweeps/masking_ablation.py (table: mean ± sd)"
+"$RAY" job submit --working-dir . -- python sweeps/masking_ablation.py --config sweeps/configs/masking_mini.yaml \
     "name=masking-${RUN}" "overrides.data.uri=${DATASET}" "overrides.train.storage_path=s3://${JANUS_BUCKET}/sweeps/runs" \
-    "run.storage_path=s3://${JANUS_BUCKET}/sweeps"
+    "overrides.train.max_steps=${DEMO_SWEEP_STEPS:-150}" "run.storage_path=s3://${JANUS_BUCKET}/sweeps"
 
-echo "== 6/6 serve the champion: serve deploy serve/config.yaml, then a text-to-image and an edit request over HTTP"
+echo "== 7/8 CFG sweep on the champion, scored by the world's scorer (w = 1 is no guidance)"
+"$PY" sweeps/cfg_sweep.py --config sweeps/configs/cfg_mini.yaml "name=cfg-${RUN}" "model=models:/janus-4o@champion" \
+    "best_settings=${OUT}/best_settings.yaml"
+
+echo "== 8/8 serve the champion with the sweep's best setting: serve deploy, then a text-to-image and an edit request"
 SERVE=.venv/bin/serve
-"$SERVE" deploy serve/config.yaml
+SERVE_CONFIG="run/${RUN}-serve.yaml"   # serve/config.yaml with args.defaults_file = the sweep's best setting
+sed "s|defaults_file: null|defaults_file: $(pwd)/${OUT}/best_settings.yaml|" serve/config.yaml > "$SERVE_CONFIG"
+"$SERVE" deploy "$SERVE_CONFIG"
 ENDPOINT="http://127.0.0.1:8000"
-"$PY" - "$ENDPOINT" "outputs/${RUN}/served" <<'PYEOF'
+"$PY" - "$ENDPOINT" "${OUT}/served" <<'PYEOF'
 import base64, json, os, sys, time, urllib.error, urllib.request
 
 import requests
@@ -71,12 +91,12 @@ made = save(requests.post(f"{endpoint}/v1/images/generations", timeout=120,
                           json={"prompt": "a red circle on a blue background", "n": 1, "seed": 0}), "t2i.png")
 # The edit takes the picture just made as its input image (multipart, as OpenAI's edits endpoint).
 save(requests.post(f"{endpoint}/v1/images/edits", timeout=120, files={"image": ("t2i.png", made, "image/png")},
-                   data={"prompt": "make the circle green", "n": "1", "seed": "0"}), "edit.png")
+                   data={"prompt": "make the background green", "n": "1", "seed": "0"}), "edit.png")
 PYEOF
 
 echo
-echo "MLflow run:  ${MLFLOW_TRACKING_URI}/#/experiments (experiment janus-4o-debug, run ${RUN}, id ${RUN_ID})"
+echo "MLflow run:  ${MLFLOW_TRACKING_URI}/#/experiments (experiment janus-4o-mini, run ${RUN}, id ${RUN_ID})"
 echo "Registry:    ${MLFLOW_TRACKING_URI}/#/models/janus-4o"
-echo "Checkpoints and export: s3://${JANUS_BUCKET}/runs/${RUN}/   Images: outputs/${RUN}/ (served: outputs/${RUN}/served/)"
+echo "Checkpoints and export: s3://${JANUS_BUCKET}/runs/${RUN}/   Scores and images: ${OUT}/ (scores/, generated/, served/)"
 echo "Server:      ${ENDPOINT}/v1/images/generations (serve status; serve shutdown -y stops it)"
 echo "Stop the stack with: make down"

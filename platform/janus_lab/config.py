@@ -184,14 +184,19 @@ class TrainConfig:
     """Local folder or `s3://` prefix where Ray Train writes checkpoints and results."""
     eval_every: int = 0
     """Optimizer steps between validations (held-out NLL/accuracy per task); 0 = at the end only."""
+    world_eval_samples: int = 0
+    """Miniature world only: images per held-out record generated and read by the world's exact
+    scorer at each validation, logged as `world_t2i`, `world_edit`, ..., `world_mean`; 0 = off."""
+    world_eval_cfg_weight: float = 5.0
+    """Guidance weight of those generations (`cfg_weight` and `cfg_weight2`)."""
     max_failures: int = 0
     """Worker-group restarts Ray Train allows; each resumes from the latest checkpoint."""
 
     def __post_init__(self) -> None:
-        _check_positive(self, "lr", "grad_clip", "epochs", "max_steps", "global_batch_size",
+        _check_positive(self, "lr", "grad_clip", "epochs", "max_steps", "global_batch_size", "world_eval_cfg_weight",
                         "micro_batch_size", "num_workers", "report_every", "checkpoint_every",
                         "keep_checkpoints")
-        _check_non_negative(self, "weight_decay", "eval_every", "max_failures")
+        _check_non_negative(self, "weight_decay", "eval_every", "max_failures", "world_eval_samples")
         _check_fraction(self, "warmup_ratio", "min_lr_ratio")
         _check(self, ["betas"], lambda b: all(0 <= beta < 1 for beta in b), "two numbers in [0, 1)")
         _check_not_empty(self, "storage_path")
@@ -358,7 +363,9 @@ class IngestConfig:
 
 DEFAULT_MASKING_GRID = {"masking.t2i_text_drop": [0.0, 0.1, 0.25], "masking.ti2i_image_drop": [0.0, 0.25, 0.5, 0.75]}
 DEFAULT_CFG_GRID = {"cfg_weight": [1.0, 3.0, 5.0, 7.0], "cfg_weight2": [1.0, 3.0, 5.0], "temperature": [0.8, 1.0]}
-WORLD_SWEEP_METRICS = ("world_t2i", "world_edit", "world_following", "world_preservation", "world_mean")
+WORLD_SWEEP_METRICS = ("world_t2i", "world_edit", "world_following", "world_preservation", "world_compose",
+                       "world_mean")
+"""The miniature world's scores as metrics (`janus_lab.miniature.score.world_metrics`)."""
 """What a CFG sweep with `scorer: world` reports (`world_mean` averages text-to-image and edit)."""
 SAMPLING_KEYS = ("cfg_weight", "cfg_weight2", "temperature", "top_k", "top_p")
 """Generation request fields a CFG sweep may search over (and its best-settings YAML holds)."""
@@ -452,12 +459,12 @@ class CfgSweepConfig:
     scorer: Literal["clip", "world"] = "clip"
     """`clip` for real images; `world` for the miniature world: the exact scorer reads every image
     against the targets beside the prompt file (`targets.jsonl`, `jobs/sample_data.py --world
-    mini --eval-requests`), and metrics are world_t2i, world_edit, world_following, world_preservation."""
+    mini --eval-requests`), and metrics are world_t2i, world_edit, world_following, world_preservation, world_compose."""
     grid: dict[str, list[Any]] = dataclasses.field(default_factory=lambda: dict(DEFAULT_CFG_GRID))
     """Sampling fields (cfg_weight, cfg_weight2, temperature, top_k, top_p) -> values; one trial each."""
     metric: str = "clip_t"
     """Score that picks the best setting: clip_t (prompt-image) or clip_i (edit input-output); with
-    `scorer: world`, one of world_t2i, world_edit, world_following, world_preservation, world_mean."""
+    `scorer: world`, one of world_t2i, world_edit, world_following, world_preservation, world_compose, world_mean."""
     mode: Literal["min", "max"] = "max"
     """Whether lower (min) or higher (max) `metric` is better."""
     parallel_size: int = 2

@@ -319,6 +319,10 @@ def build_model(model: ModelConfig, init_seed: int):
     """The Janus bundle whose VQ tokenizer encodes the images (the fine-tune builds the same)."""
     from janus_lab.model.weights import build_bundle
 
+    if model.preset == "mini" and not model.weights:
+        # The shipped VQ tokenizer is the same with or without the base language model, and
+        # encoding needs only the tokenizer: ingest works before the base model exists.
+        model = dataclasses.replace(model, preset="mini-init")
     return build_bundle(model, init_seed)
 
 

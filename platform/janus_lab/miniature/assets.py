@@ -28,8 +28,8 @@ EVAL_SCENES = 32
 MINI_VQ = {
     "embed_dim": 8,
     "num_embeddings": 2048,
-    "base_channels": 32,
-    "channel_multiplier": [1, 1, 2, 2, 4],
+    "base_channels": 64,
+    "channel_multiplier": [1, 1, 1, 1, 2],
     "num_res_blocks": 1,
     "latent_channels": 64,
 }
@@ -56,8 +56,6 @@ def load_mini_vq(folder: str | Path = MINI_DIR) -> JanusVQVAE:
 
 
 BASE_FILE = "base.safetensors"
-
-
 def load_mini_weights(model, folder: str | Path = MINI_DIR, language_model: bool = True) -> None:
     """Loads the shipped VQ tokenizer (and, unless told not to, the base model) into a mini model.
 
@@ -70,16 +68,52 @@ def load_mini_weights(model, folder: str | Path = MINI_DIR, language_model: bool
         raise FileNotFoundError(f"{vq_file} is missing: train it with `python jobs/train_mini_vq.py`")
     model.model.vqmodel.load_state_dict({k: v.float() for k, v in load_file(str(vq_file)).items()})
     if language_model:
-        base_file = folder / BASE_FILE
-        if not base_file.exists():
-            raise FileNotFoundError(f"{base_file} is missing: pre-train it with `python jobs/pretrain_mini.py`")
-        state = {k: v.float() for k, v in load_file(str(base_file)).items()}
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.startswith("model.vqmodel.")]
-        if missing or unexpected:
-            raise ValueError(f"{base_file} does not fit the mini model (missing {missing[:3]}, "
-                             f"unexpected {unexpected[:3]})")
+        load_base(model, folder)
     model.model.vqmodel.eval().requires_grad_(False)
+
+
+def load_base(model, folder: str | Path = MINI_DIR) -> None:
+    """Loads `base.safetensors` (everything but the VQ tokenizer) from `folder` into a mini model."""
+    base_file = Path(folder) / BASE_FILE
+    if not base_file.exists():
+        raise FileNotFoundError(f"{base_file} is missing: pre-train it with `python jobs/pretrain_mini.py`")
+    state = {k: v.float() for k, v in load_file(str(base_file)).items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("model.vqmodel.")]
+    if missing or unexpected:
+        raise ValueError(f"{base_file} does not fit the mini model (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]})")
+
+
+BASE_EVAL = {"samples": 4, "seed": 0, "cfg_weight": 5.0, "temperature": 1.0}
+"""How the shipped base's held-out text-to-image score is measured (and reproduced by a test)."""
+
+
+def base_t2i_scores(model, processor) -> dict:
+    """The held-out text-to-image prompts generated with `BASE_EVAL`'s settings and scored."""
+    from janus_lab.generation import GenerationEngine
+    from janus_lab.miniature.evaluate import evaluate_world
+    from janus_lab.miniature.world import evaluation_records
+
+    records = [r for r in evaluation_records() if r.task == "t2i"]
+    engine = GenerationEngine(model, processor.tokenizer, image_size=SIDE, num_image_tokens=16, static_cache=False)
+    settings = dict(BASE_EVAL)
+    result = evaluate_world(engine, records, samples=settings.pop("samples"), seed=settings.pop("seed"), **settings)
+    return {"t2i": result.summary["t2i"], "chance_t2i": result.chance["t2i"], "prompts": len(records), **BASE_EVAL}
+
+
+def finalize_base(folder: str | Path) -> dict:
+    """Scores a written base (as stored, float16) on the held-out text-to-image prompts and
+    records the figure in `base.json`, which `tests/test_miniature.py` reproduces."""
+    from janus_lab.model.builders import mini_init
+
+    folder = Path(folder)
+    bundle = mini_init()
+    load_base(bundle.model, folder)
+    record = json.loads((folder / "base.json").read_text())
+    record["heldout"] = base_t2i_scores(bundle.model.eval(), bundle.processor)
+    (folder / "base.json").write_text(json.dumps(record, indent=2) + "\n")
+    return record
 
 
 def save_base(model, folder: str | Path, record: dict) -> None:

@@ -48,12 +48,18 @@ class PretrainConfig:
 
 
 def encode_records(vq, records: list[WorldRecord], batch: int = 64) -> list[list[int]]:
-    """The VQ codes of each record's output image, with the platform's normalised search."""
-    codes = []
-    for start in range(0, len(records), batch):
-        pixels = scenes_to_tensor([r.output_image() for r in records[start:start + batch]])
-        codes.extend(encode_vq_codes(vq, pixels).tolist())
-    return codes
+    """The VQ codes of each record's output image, with the platform's normalised search.
+
+    The world repeats scenes (a canonical scene appears under many records), so each distinct
+    scene is encoded once.
+    """
+    scenes = list(dict.fromkeys(r.output for r in records))
+    codes: dict = {}
+    for start in range(0, len(scenes), batch):
+        chunk = scenes[start:start + batch]
+        pixels = scenes_to_tensor([scene.render() for scene in chunk])
+        codes.update(zip(chunk, encode_vq_codes(vq, pixels).tolist()))
+    return [codes[r.output] for r in records]
 
 
 def pretrain(model, processor, cfg: PretrainConfig) -> list[dict]:
@@ -66,7 +72,8 @@ def pretrain(model, processor, cfg: PretrainConfig) -> list[dict]:
     records = training_records(cfg.data_seed, cfg.num_records, 0)
     started = time.monotonic()
     codes = encode_records(model.model.vqmodel, records)
-    log.info("encoded %d records in %.0f s", len(records), time.monotonic() - started)
+    log.info("encoded %d records (%d distinct scenes) in %.0f s", len(records), len({r.output for r in records}),
+             time.monotonic() - started)
     builder = SequenceBuilder(processor.tokenizer, len(codes[0]))
     objective = GenerationObjective(model)
     # Text-to-image only: the understanding encoder and its aligner see no input here.

@@ -165,6 +165,17 @@ def score_sample(record: WorldRecord, image: Image.Image) -> SampleScore:
     return SampleScore(record, {k: read[k] == v for k, v in target.items()}, changed)
 
 
+WORLD_METRICS = ("t2i", "edit", "following", "preservation", "compose")
+
+
+def world_metrics(summary: dict[str, float]) -> dict[str, float]:
+    """A summary as tracked metrics: `world_<score>` and `world_mean`, the mean of the
+    text-to-image and edit scores (what the CFG sweep and promotion rank models by)."""
+    metrics = {f"world_{key}": summary.get(key, 0.0) for key in WORLD_METRICS}
+    metrics["world_mean"] = (metrics["world_t2i"] + metrics["world_edit"]) / 2
+    return metrics
+
+
 def summarise(scores: list[SampleScore]) -> dict[str, float]:
     """Mean scores: `t2i` (prompt following), `edit` (correct edits), `following`, `preservation`,
     `compose` (two-input edits correct), and per edit kind `edit.<kind>`."""

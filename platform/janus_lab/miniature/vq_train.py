@@ -53,6 +53,16 @@ class VQTrainConfig:
     """`cpu`, `cuda`, or `auto` (cuda when there is one). Scenes are drawn on the CPU either way."""
     init: str = ""
     """A folder with a `vq.safetensors` to continue from (training is long on a CPU: runs chain)."""
+    reference_init: float = 20.0
+    """Start from `conditioned_init` with this reference level (colour flows through the
+    GroupNorms from step 0); 0 = transformers' plain init. Ignored with `init`."""
+    precision: str = "bf16"
+    """`bf16` runs the forward under autocast with float32 master weights (1.5x faster on a CPU
+    with AVX-512 BF16, as on a GPU); `fp32` runs it in float32."""
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("bf16", "fp32"):
+            raise ValueError(f"precision must be bf16 or fp32, got {self.precision!r}")
 
 
 def scenes_to_tensor(images: list) -> torch.Tensor:
@@ -77,8 +87,9 @@ def reconstruct(vq: JanusVQVAE, pixels: torch.Tensor, quantize: bool = True
     """The training forward: (reconstruction NCHW, quantisation loss terms, codes (B, N))."""
     z = normalised_latents(vq, pixels)
     codebook = F.normalize(vq.quantize.embedding.weight, dim=-1)
-    codes = (z.detach() @ codebook.t()).argmax(-1)
-    zq = codebook[codes]
+    with torch.autocast(z.device.type, enabled=False):  # the search in float32, as at inference
+        codes = (z.detach().float() @ codebook.t()).argmax(-1)
+    zq = codebook[codes].to(z.dtype)
     codebook_loss = F.mse_loss(zq, z.detach())
     commitment_loss = F.mse_loss(z, zq.detach())
     if quantize:
@@ -108,6 +119,61 @@ def _restart_dead_codes(vq: JanusVQVAE, usage: torch.Tensor, latents: torch.Tens
     return len(dead)
 
 
+@torch.no_grad()
+def conditioned_init(vq: JanusVQVAE, reference: float) -> None:
+    """Starts the tokenizer where absolute colour flows from the pixels to the latent and back.
+
+    A Janus VQ normalises with GroupNorm(32). At 64 channels a group is two channels, which over
+    a flat-colour scene is nearly an instance norm: the absolute colour is divided out, and the
+    network learns colours only through patterns between regions. Measured on this world, plain
+    init collapses blue, green and black backgrounds onto one latent within 40 steps (the
+    residual branches' outputs, ~100x the colour-carrying skip, drown it), and the decoder then
+    paints every dark background teal. Two changes, both only to the starting point:
+
+    - encoder: the last convolution of every residual branch (and attention's output) starts at
+      zero, downsampling and channel-changing shortcuts as identities, so at step 0 the encoder
+      passes `conv_in`'s colour-linear features straight to the latent; the branches grow from
+      there;
+    - decoder, top level: channels come in mirrored pairs (second = `reference` - first) out of
+      the upsampling convolution and every residual branch, so each group's mean is the
+      constant `reference` / 2 and its GroupNorm is an affine map of the absolute value; the
+      final norm's affine weights start at that map's inverse.
+
+    Training is free to move all of it. Over 200 steps on fresh scenes (plain autoencoding,
+    batch 8) this reached 11.1 dB and 57% of pixels nearest the right colour, against 9.9 dB
+    and 42% with the decoder change alone, and 8.6 dB and 24% with transformers' init.
+    """
+    from transformers.models.janus import modeling_janus as janus
+
+    for module in vq.encoder.modules():
+        if isinstance(module, janus.JanusVQVAEResnetBlock):
+            module.conv2.weight.zero_()
+            module.conv2.bias.zero_()
+            if hasattr(module, "nin_shortcut"):
+                torch.nn.init.dirac_(module.nin_shortcut.weight)
+                module.nin_shortcut.bias.zero_()
+        elif isinstance(module, janus.JanusVQVAEAttnBlock):
+            module.proj_out.weight.zero_()
+            module.proj_out.bias.zero_()
+        elif isinstance(module, janus.JanusVQVAEConvDownsample):
+            torch.nn.init.dirac_(module.conv.weight)
+            module.conv.bias.zero_()
+    norm = vq.decoder.norm_out
+    if norm.num_channels != 2 * norm.num_groups:
+        raise ValueError("the mirrored-pair init needs two channels per group at the decoder's top level "
+                         f"(base_channels 64), got {norm.num_channels}")
+
+    def mirror(conv: torch.nn.Conv2d, offset: float) -> None:
+        conv.weight[1::2] = -conv.weight[0::2]
+        conv.bias[1::2] = offset - conv.bias[0::2]
+
+    mirror(vq.decoder.up[-2].upsample.conv, reference)  # into the 64 x 64 level
+    for block in vq.decoder.up[-1].block:
+        mirror(block.conv2, 0.0)
+    norm.weight[0::2], norm.bias[0::2] = reference / 2, reference / 2
+    norm.weight[1::2], norm.bias[1::2] = 0, 0
+
+
 def train_vq(vq: JanusVQVAE, cfg: VQTrainConfig, eval_pixels: torch.Tensor,
              on_log: Callable[[list[dict]], None] | None = None) -> list[dict]:
     """Trains `vq` in place on freshly drawn scenes; returns the logged history.
@@ -123,9 +189,10 @@ def train_vq(vq: JanusVQVAE, cfg: VQTrainConfig, eval_pixels: torch.Tensor,
     gen = torch.Generator().manual_seed(cfg.seed)
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           "cpu" if cfg.device == "auto" else cfg.device)
-    vq.to(device)
+    vq.to(device, memory_format=torch.channels_last)  # NHWC convolutions: faster on CPU and GPU
     eval_pixels = eval_pixels.to(device)
-    draw = lambda n: random_batch(rng, n).to(device)  # noqa: E731
+    draw = lambda n: random_batch(rng, n).to(device, memory_format=torch.channels_last)  # noqa: E731
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     vq.train()
     vq.requires_grad_(True)
     optimizer = torch.optim.Adam(vq.parameters(), lr=cfg.lr, betas=(0.9, 0.99))
@@ -135,6 +202,8 @@ def train_vq(vq: JanusVQVAE, cfg: VQTrainConfig, eval_pixels: torch.Tensor,
     history = []
     start = time.monotonic()
     if not cfg.init:
+        if cfg.reference_init:
+            conditioned_init(vq, cfg.reference_init)
         with torch.no_grad():  # codebook starts on latents of real scenes, not on random vectors
             _restart_dead_codes(vq, usage, normalised_latents(vq, draw(cfg.batch_size)), gen)
     for step in range(1, cfg.steps + 1):
@@ -144,7 +213,9 @@ def train_vq(vq: JanusVQVAE, cfg: VQTrainConfig, eval_pixels: torch.Tensor,
             with torch.no_grad():  # every code restarts on a latent of the trained encoder
                 usage.zero_()
                 _restart_dead_codes(vq, usage, normalised_latents(vq, draw(8 * cfg.batch_size)), gen)
-        recon, quant_terms, codes = reconstruct(vq, pixels, quantize)
+        with autocast:
+            recon, quant_terms, codes = reconstruct(vq, pixels, quantize)
+        recon, quant_terms = recon.float(), quant_terms.float()
         loss = F.mse_loss(recon, pixels) + cfg.commitment * quant_terms[1] * quantize + quant_terms[0]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -169,7 +240,7 @@ def train_vq(vq: JanusVQVAE, cfg: VQTrainConfig, eval_pixels: torch.Tensor,
             vq.train()
     vq.eval()
     vq.requires_grad_(False)
-    vq.to("cpu")
+    vq.to("cpu", memory_format=torch.contiguous_format)
     return history
 
 

@@ -242,14 +242,11 @@ def _score_world_cell(engine, cell: dict, requests: list, targets: list, paralle
     """A cell scored by the miniature world's exact scorer: prompt following and edit success."""
     from janus_lab.evaluation.generation_scores import with_settings
     from janus_lab.generation.offline import contact_sheet
-    from janus_lab.miniature.score import score_sample, summarise
+    from janus_lab.miniature.score import score_sample, summarise, world_metrics
 
     scored = with_settings(requests, cell, parallel_size)
     scores, rows = [], []
     for index, result in engine.generate_in_batches(scored, max_images=batch_images):
         scores.extend(score_sample(targets[index], image) for image in result.images)
         rows.append([targets[index].output_image(), *targets[index].input_images(), *result.images])
-    summary = summarise(scores)
-    metrics = {f"world_{key}": summary.get(key, 0.0) for key in ("t2i", "edit", "following", "preservation")}
-    metrics["world_mean"] = (metrics["world_t2i"] + metrics["world_edit"]) / 2
-    return metrics, contact_sheet(rows, engine.image_size), "the miniature world's exact scorer"
+    return world_metrics(summarise(scores)), contact_sheet(rows, engine.image_size), "the miniature world's exact scorer"

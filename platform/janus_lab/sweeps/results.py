@@ -33,10 +33,11 @@ class ResultsTable:
     """Set on an `aggregated()` table: the seed keys its rows average over."""
 
     def aggregated(self) -> "ResultsTable":
-        """One row per cell of the keys that are not seeds (`train.seed`, `masking.seed`, ...):
+        """One row per cell of the keys that are not seeds (keys whose last part ends in `seed`:
+        `train.seed`, `masking.seed`, `data.shuffle_seed`, ...):
         each metric's mean over the seeds, its sample standard deviation (`<metric>_std`) and
         the number of seeds that reported it (`<metric>_n`). Without seed keys, the table itself."""
-        seeds = [p for p in self.params if p.rsplit(".", 1)[-1] == "seed"]
+        seeds = [p for p in self.params if p.rsplit(".", 1)[-1].endswith("seed")]
         if not seeds:
             return self
         keep = [p for p in self.params if p not in seeds]
