@@ -149,7 +149,8 @@ def test_shipped_base_reproduces_its_recorded_held_out_score():
     scores = base_t2i_scores(bundle.model.eval(), bundle.processor)
     # Sampling is seeded; a CPU with other float kernels may flip a code or two, hence the slack.
     assert scores["t2i"] == pytest.approx(record["t2i"], abs=0.1)
-    assert scores["t2i"] >= 10 * scores["chance_t2i"]  # it draws the prompted scenes, far above chance
+    # Unseen combinations of shape colour and background: several times chance (docs/miniature.md).
+    assert scores["t2i"] > 3 * scores["chance_t2i"]
 
 
 def test_world_scores_become_metrics_with_their_mean():
