@@ -146,7 +146,7 @@ def test_shipped_base_reproduces_its_recorded_held_out_score():
 
     record = json.loads((MINI_DIR / "base.json").read_text())["heldout"]
     bundle = mini()
-    scores = base_t2i_scores(bundle.model.eval(), bundle.processor)
+    scores = base_t2i_scores(bundle)
     # Sampling is seeded; a CPU with other float kernels may flip a code or two, hence the slack.
     assert scores["t2i"] == pytest.approx(record["t2i"], abs=0.1)
     # Unseen combinations of shape colour and background: several times chance (docs/miniature.md).

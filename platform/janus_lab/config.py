@@ -193,9 +193,9 @@ class TrainConfig:
     """Worker-group restarts Ray Train allows; each resumes from the latest checkpoint."""
 
     def __post_init__(self) -> None:
-        _check_positive(self, "lr", "grad_clip", "epochs", "max_steps", "global_batch_size", "world_eval_cfg_weight",
+        _check_positive(self, "lr", "grad_clip", "epochs", "max_steps", "global_batch_size",
                         "micro_batch_size", "num_workers", "report_every", "checkpoint_every",
-                        "keep_checkpoints")
+                        "keep_checkpoints", "world_eval_cfg_weight")
         _check_non_negative(self, "weight_decay", "eval_every", "max_failures", "world_eval_samples")
         _check_fraction(self, "warmup_ratio", "min_lr_ratio")
         _check(self, ["betas"], lambda b: all(0 <= beta < 1 for beta in b), "two numbers in [0, 1)")
@@ -365,7 +365,6 @@ DEFAULT_MASKING_GRID = {"masking.t2i_text_drop": [0.0, 0.1, 0.25], "masking.ti2i
 DEFAULT_CFG_GRID = {"cfg_weight": [1.0, 3.0, 5.0, 7.0], "cfg_weight2": [1.0, 3.0, 5.0], "temperature": [0.8, 1.0]}
 WORLD_SWEEP_METRICS = ("world_t2i", "world_edit", "world_following", "world_preservation", "world_compose",
                        "world_mean")
-"""The miniature world's scores as metrics (`janus_lab.miniature.score.world_metrics`)."""
 """What a CFG sweep with `scorer: world` reports (`world_mean` averages text-to-image and edit)."""
 SAMPLING_KEYS = ("cfg_weight", "cfg_weight2", "temperature", "top_k", "top_p")
 """Generation request fields a CFG sweep may search over (and its best-settings YAML holds)."""
