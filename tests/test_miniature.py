@@ -78,6 +78,19 @@ def test_the_scorer_reads_what_is_wrong():
     assert (triangle.shapes[0].kind, triangle.shapes[0].size, triangle.shapes[0].position) == ("triangle", "small", "left")
 
 
+def test_a_soft_edge_of_another_colour_is_not_a_shape():
+    # A decoder's blurred edge between white and black is grey, whose nearest colour is green: a
+    # ring of it one or two pixels wide must not read as a green shape (it did before the opening).
+    from PIL import ImageDraw
+
+    image = canonical_scene("white", "circle", "black").render()
+    ImageDraw.Draw(image).ellipse((14, 14, 49, 49), outline=(130, 130, 130), width=2)
+    reading = read_image(image)
+    assert [(s.kind, s.color) for s in reading.shapes] == [("circle", "white")]
+    ImageDraw.Draw(image).rectangle((2, 2, 12, 12), fill=(130, 130, 130))  # a solid grey block still counts
+    assert sorted(s.color for s in read_image(image).shapes) == ["green", "white"]
+
+
 def test_chance_is_far_below_a_correct_model(eval_set):
     chance = chance_scores(eval_set, draws=5)
     assert chance["t2i"] < 0.05 and chance["edit"] < 0.05
