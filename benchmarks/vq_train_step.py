@@ -7,9 +7,9 @@ One Adam step of `janus_lab.miniature.vq_train`'s training forward (encoder -> n
 search -> straight-through -> decoder; pixel MSE + codebook + commitment) on freshly rendered
 scenes of the world, in two modes:
 
-- **ours** (`precision=bf16`, what `jobs/train_mini_vq.py` runs): convolutions in bfloat16 under
-  autocast over float32 master weights, tensors in channels-last (NHWC) memory format; the code
-  search stays in float32.
+- **ours** (`precision=bf16`, what `jobs/train_mini_vq.py`'s default `auto` picks where bf16
+  runs fast): convolutions in bfloat16 under autocast over float32 master weights, tensors in
+  channels-last (NHWC) memory format; the code search stays in float32.
 - **baseline**: the same step in float32, NCHW, as transformers' modules run by default.
 
 The modes alternate step by step after untimed warm-up steps, so machine load hits both. Scene

@@ -130,6 +130,19 @@ def test_shipped_vq_reproduces_its_recorded_reconstruction():
     assert evaluate_psnr(vq, eval_pixels()) == pytest.approx(record["eval_psnr_db"], abs=0.05)
 
 
+def test_vq_training_takes_bf16_only_where_it_runs_fast():
+    from janus_lab.miniature.vq_train import VQTrainConfig, resolve_precision
+
+    cpu = torch.device("cpu")
+    assert VQTrainConfig().precision == "auto"
+    expected = "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+    assert resolve_precision("auto", cpu) == expected
+    assert resolve_precision("auto", torch.device("cuda")) == "bf16"
+    assert resolve_precision("fp32", torch.device("cuda")) == "fp32"
+    with pytest.raises(ValueError, match="auto, bf16 or fp32"):
+        VQTrainConfig(precision="fp16")
+
+
 def test_mini_init_generates_text_to_image_and_edits():
     from janus_lab.generation import GenerationEngine, GenerationRequest
     from janus_lab.model.builders import mini_init
