@@ -69,9 +69,9 @@ def read_image(image: Image.Image) -> Reading:
         if color == background:
             continue
         # An opening drops fringes one or two pixels wide: a decoder's soft edge between two
-        # colours can land nearest a third (grey between white and black reads green) and would count as a shape;
-        # the world's narrowest shape is 16 px wide, so no real shape is lost (every exact render
-        # still reads right, tests/test_miniature.py).
+        # colours can land nearest a third (grey between white and black reads green) and would
+        # count as a shape. The world's narrowest shape is 16 px wide, so no real shape is lost
+        # (every exact render still reads right, tests/test_miniature.py).
         regions, count = ndimage.label(ndimage.binary_opening(labels == color))
         for index, box in enumerate(ndimage.find_objects(regions), start=1):
             area = int((regions[box] == index).sum())
