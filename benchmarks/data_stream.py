@@ -44,7 +44,7 @@ import time
 from pathlib import Path
 from typing import Iterable, Iterator
 
-RAY_CPUS = 4  # logical CPUs of the local cluster; more than the 2 cores on purpose (FIELD-NOTES)
+RAY_CPUS = 4  # logical CPUs of the local cluster; more than the 2 cores on purpose (docs/platform-notes.md, "Ray")
 SHAREGPT_FILES = ("text_to_image.json", "text_and_image_to_image.json")
 
 

@@ -4,6 +4,8 @@
     python jobs/train_mini_vq.py device=cuda steps=20000 batch_size=64      # on a GPU
     python jobs/train_mini_vq.py init=platform/janus_lab/miniature/weights steps=5000  # continue the shipped one
     python jobs/train_mini_vq.py steps=200 out=/tmp/vq                      # a quick look
+    python jobs/train_mini_vq.py init=platform/janus_lab/miniature/weights decoder_only=true \
+        steps=2000 batch_size=16 lr=0.0003 canonical_share=0.15  # sharpen the decoder, codes kept
 
 Settings are `KEY=VALUE`, the fields of `janus_lab.miniature.vq_train.VQTrainConfig` (steps,
 batch_size, lr, warmup_steps, quantize_after, restart_every, seed, device, init, ...); the
@@ -32,13 +34,19 @@ def main(argv: list[str]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     overrides = dict(arg.split("=", 1) for arg in argv)
     out = overrides.pop("out", str(MINI_DIR))
-    train_and_save_vq(out, **{k: type_of(k)(v) for k, v in overrides.items()})
+    train_and_save_vq(out, **{k: parse(k, v) for k, v in overrides.items()})
 
 
-def type_of(key: str):
+def parse(key: str, value: str):
+    """`value` as the type of the `VQTrainConfig` field `key` (`true`/`false` for flags)."""
     from janus_lab.miniature.vq_train import VQTrainConfig
 
-    return type(getattr(VQTrainConfig(), key))
+    kind = type(getattr(VQTrainConfig(), key))
+    if kind is bool:
+        if value.lower() not in ("true", "false"):
+            raise SystemExit(f"{key} takes true or false, got {value!r}")
+        return value.lower() == "true"
+    return kind(value)
 
 
 if __name__ == "__main__":

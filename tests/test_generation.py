@@ -1,4 +1,4 @@
-"""The generation engine equals a plain reference loop token for token (DESIGN.md §2.4).
+"""The generation engine equals a plain reference loop token for token (docs/design.md, "Classifier-free guidance").
 
 `reference_generate` below is the loop straight from the design: one request, one image at a
 time, no padding, a DynamicCache, rows built with SequenceBuilder.prefix/unconditional/partial
@@ -43,7 +43,7 @@ N = 16  # codes per image of the 64 px debug model
 
 @torch.no_grad()
 def reference_generate(bundle, request: GenerationRequest, seed: int) -> torch.Tensor:
-    """DESIGN.md §2.4, literally: returns (parallel_size, N) codes for one request."""
+    """docs/design.md, "Classifier-free guidance", literally: returns (parallel_size, N) codes for one request."""
     model, n = bundle.model, bundle.num_image_tokens
     core = model.model
     device = next(model.parameters()).device
@@ -194,7 +194,8 @@ def test_t2i_greedy_equals_transformers_generate(bundle, batched):
     attention_mask = (input_ids != special.pad).long()
     saved = model.generation_config
     try:
-        # A new object: editing the loaded one in place loses generation_kwargs (FIELD-NOTES).
+        # A new object: editing the loaded one in place loses generation_kwargs
+        # (docs/platform-notes.md, "transformers' Janus").
         model.generation_config = GenerationConfig(
             num_return_sequences=1, do_sample=False, guidance_scale=5.0,
             pad_token_id=special.pad, bos_token_id=special.bos, generation_kwargs={"boi_token_id": special.boi})

@@ -626,7 +626,7 @@ def test_aws_gpu_workers_fit_the_configs_it_runs(command_text: str):
 
 def test_kuberay_and_aws_set_the_same_environment():
     from janus_lab.stack import LocalStack
-    from janus_lab.train.launch import FORWARDED_ENV
+    from janus_lab.cluster import FORWARDED_ENV
 
     kuberay, aws = shared_env(), aws_env()
     assert set(kuberay) == set(aws), (

@@ -10,7 +10,7 @@ import torch
 from janus_lab.config import CfgSweepConfig, ConfigError, ExperimentConfig, load_config
 from janus_lab.miniature.assets import MINI_DIR, eval_pixels, load_mini_vq
 from janus_lab.miniature.score import chance_scores, copy_input_scores, read_image, score_sample, summarise
-from janus_lab.miniature.vq_train import evaluate_psnr
+from janus_lab.miniature.vq_train import VQTrainConfig, evaluate_psnr, patch_purity, purity_scenes
 from janus_lab.miniature.world import (COLORS, EDIT_KINDS, Scene, Shape, WorldRecord, canonical_scene, describe,
                                        evaluation_records, held_out_canonical, is_held_out, read_targets,
                                        training_records, write_eval_requests, write_world_dataset)
@@ -130,8 +130,25 @@ def test_shipped_vq_reproduces_its_recorded_reconstruction():
     assert evaluate_psnr(vq, eval_pixels()) == pytest.approx(record["eval_psnr_db"], abs=0.05)
 
 
+def test_patch_purity_reads_how_local_codes_are(monkeypatch):
+    import janus_lab.model.vq as vq_module
+    from janus_lab.miniature.vq_train import mosaics, patches_of
+
+    pixels = eval_pixels()
+    tiled, sources = mosaics(pixels, torch.Generator().manual_seed(0))
+    assert torch.equal(patches_of(tiled), patches_of(pixels)[sources])
+    # A tokenizer that codes each patch by its own pixels is pure; one whose codes also carry
+    # the scene (here its mean colour) is not.
+    own = lambda _, x: (patches_of(x).mean((1, 2, 3)) * 1000).long().view(len(x), -1)  # noqa: E731
+    monkeypatch.setattr(vq_module, "encode_vq_codes", own)
+    assert patch_purity(torch.nn.Identity(), pixels) == 1.0
+    scene = lambda _, x: own(_, x) + (x.mean((1, 2, 3)) * 1e6).long()[:, None]  # noqa: E731
+    monkeypatch.setattr(vq_module, "encode_vq_codes", scene)
+    assert patch_purity(torch.nn.Identity(), pixels) < 0.5
+
+
 def test_vq_training_takes_bf16_only_where_it_runs_fast():
-    from janus_lab.miniature.vq_train import VQTrainConfig, resolve_precision
+    from janus_lab.miniature.vq_train import resolve_precision
 
     cpu = torch.device("cpu")
     assert VQTrainConfig().precision == "auto"
@@ -141,6 +158,32 @@ def test_vq_training_takes_bf16_only_where_it_runs_fast():
     assert resolve_precision("fp32", torch.device("cuda")) == "fp32"
     with pytest.raises(ValueError, match="auto, bf16 or fp32"):
         VQTrainConfig(precision="fp16")
+
+
+def test_a_decoder_only_run_keeps_every_code_and_can_replace_a_models_decoder(tmp_path):
+    from janus_lab.miniature.assets import TokenizerMismatchError, save_vq, swap_vq_decoder, train_and_save_vq
+    from janus_lab.model.vq import encode_vq_codes
+
+    with pytest.raises(ValueError, match="set init"):
+        VQTrainConfig(decoder_only=True)
+    shipped, pixels = load_mini_vq(), eval_pixels()[:8]
+    train_and_save_vq(tmp_path / "sharper", init=str(MINI_DIR), decoder_only=True, steps=2, batch_size=2,
+                      warmup_steps=1, log_every=1, lr=1e-3)
+    sharper = load_mini_vq(tmp_path / "sharper")
+    assert torch.equal(encode_vq_codes(sharper, pixels), encode_vq_codes(shipped, pixels))
+    changed = [k for k, v in sharper.state_dict().items() if not torch.equal(v, shipped.state_dict()[k])]
+    assert changed and all(k.startswith(("decoder.", "post_quant_conv.")) for k in changed)
+
+    model_vq = load_mini_vq()
+    swap_vq_decoder(model_vq, tmp_path / "sharper")
+    codes = encode_vq_codes(sharper, pixels)
+    assert torch.equal(model_vq.decode(codes), sharper.decode(codes))
+    other = load_mini_vq()
+    with torch.no_grad():
+        other.quantize.embedding.weight[:4] = torch.randn(4, 8)
+    save_vq(other, tmp_path / "other", {})
+    with pytest.raises(TokenizerMismatchError, match="quantize.embedding.weight"):
+        swap_vq_decoder(load_mini_vq(), tmp_path / "other")
 
 
 def test_mini_init_generates_text_to_image_and_edits():

@@ -1,4 +1,4 @@
-"""Sequence layout, masking and the generation loss (DESIGN.md §2.1, §2.2)."""
+"""Sequence layout, masking and the generation loss (docs/design.md, "Sequence layout", "Masking", "Loss")."""
 
 from __future__ import annotations
 

@@ -186,7 +186,7 @@ def test_mlflow_logs_metrics_and_stores_artifacts_in_the_bucket(
 
     client = MlflowClient()
     # create_experiment, not set_experiment: the latter exports MLFLOW_EXPERIMENT_ID for the
-    # rest of the session (FIELD-NOTES).
+    # rest of the session (docs/platform-notes.md, "MLflow 3").
     experiment_id = client.create_experiment(f"test-stack-{uuid.uuid4().hex[:8]}")
     note = tmp_path / "note.txt"
     note.write_text("written by test_stack")

@@ -98,7 +98,7 @@ class ModelConfig:
 
 @dataclasses.dataclass
 class MaskingConfig:
-    """Condition dropping during training, which teaches the branches CFG needs (DESIGN 2.2)."""
+    """Condition dropping during training, which teaches the branches CFG needs (docs/design.md, "Masking")."""
 
     t2i_text_drop: float = 0.1
     """Chance a T2I sample's prompt becomes `<pad>` (the unconditional branch; paper 0.10)."""
@@ -132,7 +132,7 @@ class DataConfig:
 
 @dataclasses.dataclass
 class TrainConfig:
-    """Optimizer, schedule, batch geometry, Ray Train workers and checkpointing (DESIGN 4)."""
+    """Optimizer, schedule, batch geometry, Ray Train workers and checkpointing (docs/design.md, "Training")."""
 
     lr: float = 5e-6
     """Peak AdamW learning rate (paper: 5e-6)."""
@@ -406,7 +406,7 @@ class SweepRunConfig:
 
 @dataclasses.dataclass
 class MaskingAblationConfig:
-    """A masking-ratio ablation: `sweeps/masking_ablation.py --config X.yaml` (DESIGN 2.2, 5)."""
+    """A masking-ratio ablation: `sweeps/masking_ablation.py --config X.yaml` (docs/design.md, "Masking", "Sweeps")."""
 
     name: str = "masking-ablation"
     """Sweep name: the Tune experiment, the MLflow parent run and the prefix of every trial's run."""
@@ -445,7 +445,7 @@ class MaskingAblationConfig:
 
 @dataclasses.dataclass
 class CfgSweepConfig:
-    """A CFG-weight sweep on one checkpoint: `sweeps/cfg_sweep.py --config X.yaml` (DESIGN 2.4, 5)."""
+    """A CFG-weight sweep on one checkpoint: `sweeps/cfg_sweep.py --config X.yaml` (docs/design.md, "Sweeps")."""
 
     name: str = "cfg-sweep"
     """Sweep name: the Tune experiment and the MLflow parent run."""

@@ -36,6 +36,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pyarrow import fs as pafs
 
+from janus_lab.cluster import connect_ray, in_submitted_job
 from janus_lab.config import IngestConfig, IngestOutputConfig, ModelConfig
 from janus_lab.data.images import ImageRejected, decode_png_pixels, encode_png, prepare_image
 from janus_lab.data.order import order_key
@@ -81,8 +82,6 @@ PATCH_SIZE = 16  # janus_lab.model.builders.PATCH_SIZE; not imported, the driver
 # Each per-record limit (an `IngestLimitsConfig` field) and the reject category it causes; the
 # manifest and the job's log say how many records each one dropped.
 LIMIT_CATEGORIES = {"max_text_tokens": PROMPT_TOO_LONG, "max_image_pixels": IMAGE_TOO_LARGE}
-AWS_VARIABLES = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-                 "AWS_REGION", "AWS_DEFAULT_REGION")
 
 # Between stages a row keeps where it came from and, once rejected, why; a rejected row's other
 # columns are null.
@@ -484,30 +483,10 @@ def _list_archive(row: dict, source_uri: str) -> dict:
 # --------------------------------------------------------------------------- driver
 
 
-def _aws_env() -> dict[str, str]:
-    return {name: os.environ[name] for name in AWS_VARIABLES if name in os.environ}
-
-
-def _in_submitted_job() -> bool:
-    return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ  # set by `ray job submit` for the job's driver
-
-
-def _ensure_ray() -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    if _in_submitted_job():
-        ray.init()  # the job's runtime env already reaches every worker; repeating its variables is an error
-    else:
-        # Workers of a cluster started elsewhere do not see this shell's S3 settings otherwise.
-        ray.init(runtime_env={"env_vars": _aws_env()})
-
-
 def _check_local_paths(cfg: IngestConfig) -> None:
     # A submitted job runs in a temporary copy of the working dir, without git-ignored folders
     # such as data/: a relative source is not there, and a relative output would be lost.
-    if not _in_submitted_job():
+    if not in_submitted_job():
         return
     for key, path in (("source.path", cfg.source.path), ("output.uri", cfg.output.uri)):
         if not is_s3_uri(path) and not os.path.isabs(path):
@@ -560,7 +539,7 @@ def run_ingest(cfg: IngestConfig) -> IngestResult:
     files = list_source_files(source_uri)
     records = read_records(cfg.source.format, source_uri, files)
     prepare_output(output_uri, cfg.output.overwrite)
-    _ensure_ray()
+    connect_ray()
     with _record_progress_only():
         index = _index_images(source_uri, files)
         accepted, rejects = check_records(records, index)

@@ -1,4 +1,4 @@
-"""Streaming ingested shards into model-ready training batches (DESIGN.md §3, §4).
+"""Streaming ingested shards into model-ready training batches (docs/design.md, "Data schema", "Training").
 
 An epoch is laid out over Parquet *row groups* (ingest writes small ones, and never mixes train
 and validation rows in one):

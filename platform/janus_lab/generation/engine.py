@@ -1,6 +1,7 @@
 """The batched generation engine: text-to-image and editing with classifier-free guidance.
 
-One call runs many requests of mixed tasks and prompt lengths as one CFG batch (DESIGN.md §2.4):
+One call runs many requests of mixed tasks and prompt lengths as one CFG batch
+(docs/design.md, "Classifier-free guidance"):
 
 - every image gets its CFG rows: text-to-image 2 (cond, uncond), editing 3 (full, part, uncond);
 - the rows of one request are the same for all its `parallel_size` images, so only the distinct

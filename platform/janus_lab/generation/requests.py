@@ -68,10 +68,11 @@ class GenerationLimits:
 
 @dataclass
 class GenerationRequest:
-    """One prompt (plus input images for editing) and how to sample from it (DESIGN.md §2.4).
+    """One prompt (plus input images for editing) and how to sample from it.
 
     Without input images the request is text-to-image; with K >= 1 it is editing
-    (text-and-image-to-image), and the images come before the prompt in the sequence.
+    (text-and-image-to-image), and the images come before the prompt in the sequence. How the
+    fields are used: docs/design.md, "Classifier-free guidance".
     """
 
     prompt: str

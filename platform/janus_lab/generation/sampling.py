@@ -1,4 +1,4 @@
-"""Classifier-free guidance and the choice of the next code (DESIGN.md §2.4).
+"""Classifier-free guidance and the choice of the next code (docs/design.md, "Classifier-free guidance").
 
 Every image of a batch carries its own settings (guidance weights, temperature, top-k, top-p)
 and its own random numbers, so one batch can mix requests freely.

@@ -74,6 +74,33 @@ def load_mini_weights(model, folder: str | Path = MINI_DIR, language_model: bool
     model.model.vqmodel.eval().requires_grad_(False)
 
 
+class TokenizerMismatchError(ValueError):
+    """A tokenizer meant to replace a model's would give images other codes."""
+
+
+CODE_PATH = ("encoder.", "quant_conv.", "quantize.")
+"""The tensors that decide an image's codes; a decoder-only run leaves them as they were."""
+
+
+def swap_vq_decoder(vq: JanusVQVAE, folder: str | Path) -> None:
+    """Loads the tokenizer in `folder` into `vq`, a model's own copy, after checking that both
+    give every image the same codes (same encoder, quant_conv and codebook): a model trained
+    on the old codes then draws through the new decoder unchanged.
+
+    Raises:
+        TokenizerMismatchError: the tokenizers' codes differ (not a decoder-only retraining of this one).
+    """
+    new = {k: v.float() for k, v in load_file(str(Path(folder) / VQ_FILE)).items()}
+    old = vq.state_dict()
+    differ = [k for k in new if k.startswith(CODE_PATH) and not torch.allclose(new[k], old[k].float(), atol=1e-3)]
+    if differ:
+        raise TokenizerMismatchError(f"{Path(folder) / VQ_FILE} gives images other codes than this model's tokenizer "
+                         f"({len(differ)} tensors differ, e.g. {differ[0]}): only a decoder retrained with "
+                         "decoder_only=true can replace it")
+    vq.load_state_dict(new)
+    vq.eval().requires_grad_(False)
+
+
 def load_base(model, folder: str | Path = MINI_DIR) -> None:
     """Loads `base.safetensors` (everything but the VQ tokenizer) from `folder` into a mini model."""
     base_file = Path(folder) / BASE_FILE
@@ -174,7 +201,7 @@ def train_and_save_vq(out: str | Path, **settings) -> dict:
 def finalize_vq(folder: str | Path) -> dict:
     """Measures a written tokenizer as it is stored (float16) on the fixed evaluation scenes and
     records the PSNR and a reconstruction sheet beside it; the record is what the test reproduces."""
-    from janus_lab.miniature.vq_train import evaluate_psnr
+    from janus_lab.miniature.vq_train import PURITY_SEED, evaluate_psnr, patch_purity, purity_scenes
 
     folder = Path(folder)
     record = json.loads((folder / "vq.json").read_text())
@@ -182,7 +209,9 @@ def finalize_vq(folder: str | Path) -> dict:
     pixels = eval_pixels()
     steps = record["history"][-1]["step"] if record["history"] else 0
     record.update(finished=True, steps_trained=steps, eval_scenes={"seed": EVAL_SCENES_SEED, "count": EVAL_SCENES},
-                  eval_psnr_db=round(evaluate_psnr(vq, pixels), 3))
+                  eval_psnr_db=round(evaluate_psnr(vq, pixels), 3),
+                  patch_purity={"scenes": len(purity_scenes()), "seed": PURITY_SEED,
+                                "value": round(patch_purity(vq, purity_scenes()), 4)})
     (folder / "vq.json").write_text(json.dumps(record, indent=2) + "\n")
     reconstruction_sheet(vq, pixels[:32]).save(folder / "vq_reconstructions.png")
     return record

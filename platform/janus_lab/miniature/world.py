@@ -203,6 +203,24 @@ def random_scene(rng: random.Random, num_shapes: int | None = None, canonical: b
     return Scene(colors[0], tuple(Shape(k, c, s, p) for k, c, s, p in zip(kinds, colors[1:], sizes, places)))
 
 
+def all_scenes() -> list[Scene]:
+    """Every scene `random_scene` can draw, once each: 90 canonical, 1,260 others with one shape
+    and 5,760 with two (kinds, colours, sizes and the pair of opposite places)."""
+    scenes = [canonical_scene(*combo) for combo in all_canonical()]
+    for background in COLORS:
+        others = [c for c in COLORS if c != background]
+        scenes += [Scene(background, (Shape(kind, color, size, place),)) for kind in SHAPES for color in others
+                   for size in SIZES for place in POSITIONS
+                   if not (size == "large" and place == "center")]
+        for places in (("left", "right"), ("top", "bottom")):
+            for kinds in ((a, b) for a in SHAPES for b in SHAPES if a != b):
+                for colors in ((a, b) for a in others for b in others if a != b):
+                    for sizes in ((a, b) for a in ("small", "medium") for b in ("small", "medium")):
+                        scenes.append(Scene(background, tuple(Shape(*fields) for fields in
+                                                              zip(kinds, colors, sizes, places))))
+    return scenes
+
+
 def _other_color(rng: random.Random, scene: Scene) -> str:
     used = {scene.background, *(s.color for s in scene.shapes)}
     return rng.choice([c for c in COLORS if c not in used])

@@ -43,7 +43,7 @@ class JanusBundle:
 
     @property
     def num_image_tokens(self) -> int:
-        """Codes per image (N in DESIGN.md §2.1)."""
+        """Codes per image (N in docs/design.md, "Sequence layout")."""
         return (self.image_size // PATCH_SIZE) ** 2
 
 

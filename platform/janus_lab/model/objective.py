@@ -91,8 +91,8 @@ class ObjectiveOutput:
 class GenerationObjective(nn.Module):
     """Wraps a Janus model; `forward(batch)` returns the image-generation loss.
 
-    Cross-entropy of the generation head over all N target codes of every sample (DESIGN.md
-    §2.1): the hidden state at `<boi>` predicts c_0 and the one at c_i predicts c_{i+1}.
+    Cross-entropy of the generation head over all N target codes of every sample (docs/design.md, "Loss"):
+    the hidden state at `<boi>` predicts c_0 and the one at c_i predicts c_{i+1}.
     """
 
     def __init__(self, model: JanusForConditionalGeneration):

@@ -1,4 +1,4 @@
-"""Sequence layout, masking and batching for generation training (DESIGN.md §2.1, §2.2).
+"""Sequence layout, masking and batching for generation training (docs/design.md, "Sequence layout", "Masking").
 
 One sample becomes three aligned id lists:
 - `input_ids`: text tokens; `<img>` at SigLIP slots; `<pad>` at VQ slots and target codes;
@@ -50,7 +50,7 @@ class TokenizedSample:
 
 @dataclass(frozen=True)
 class MaskDecision:
-    """What masking does to one sample in one epoch (DESIGN.md §2.2)."""
+    """What masking does to one sample in one epoch (docs/design.md, "Masking")."""
 
     drop_text: bool = False
     """T2I: every token between BOS and the final <boi> becomes <pad>."""

@@ -45,7 +45,7 @@ please keep same but only more less very quite slightly much color colour size p
 
 @dataclass(frozen=True)
 class SpecialTokenIds:
-    """Ids of the tokens the sequence layout is built from (DESIGN.md §2.1)."""
+    """Ids of the tokens the sequence layout is built from (docs/design.md, "Sequence layout")."""
 
     bos: int
     eos: int

@@ -1,4 +1,4 @@
-"""VQ tokenizer: images <-> codes (DESIGN.md §2.3).
+"""VQ tokenizer: images <-> codes (docs/design.md, "VQ codes").
 
 transformers' `JanusVQVAE.encode` searches the nearest code on the raw latent. The original
 tokenizer L2-normalises both the latent and the codebook first (decode already normalises the

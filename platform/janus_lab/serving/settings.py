@@ -21,7 +21,7 @@ class SamplingDefaults:
     """Sampling settings for the fields a request leaves out (`sweeps/cfg_sweep.py` writes these)."""
 
     cfg_weight: float = 5.0
-    """Guidance weight w of DESIGN.md §2.4."""
+    """Guidance weight w (docs/design.md, "Classifier-free guidance")."""
     cfg_weight2: float = 5.0
     """Editing: weight of the partial (image-only) branch."""
     temperature: float = 1.0

@@ -1,4 +1,4 @@
-"""The CFG sweep (DESIGN.md §2.4, §5): generation-only trials over sampling settings, one checkpoint.
+"""The CFG sweep: generation-only trials over sampling settings, one checkpoint.
 
 Each trial loads the checkpoint, generates the held-out prompt set (text-to-image and edit
 requests) with its cell's `cfg_weight` / `cfg_weight2` / `temperature` (and any other sampling
@@ -6,7 +6,8 @@ field in the grid), scores the images with CLIP-T and CLIP-I (`janus_lab.evaluat
 them, with a contact sheet, to its MLflow child run. A `models:/name@alias` checkpoint is
 pinned to the version the alias points at when the sweep starts, so every trial scores the
 same weights. The best cell is written as a flat YAML of request fields, which the server
-reads as its sampling defaults (`serve/config.yaml`: `args.defaults_file`).
+reads as its sampling defaults (`serve/config.yaml`: `args.defaults_file`). What the settings
+do: docs/design.md, "Classifier-free guidance", "Sweeps".
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The masking-ratio ablation (DESIGN.md §2.2, §5): one fine-tuning run per grid cell.
+"""The masking-ratio ablation (docs/design.md, "Masking", "Sweeps"): one fine-tuning run per grid cell.
 
 Each trial is a Tune function that runs the fine-tuning job's `TorchTrainer` (Ray Train V2
 refuses `Tuner(TorchTrainer)`) with Tune's `TuneReportCallback`, so the training metrics reach

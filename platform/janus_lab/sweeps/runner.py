@@ -5,7 +5,7 @@
   of concurrent trials is capped so that all running trials' needs fit the cluster at once.
   A trial can then never sit waiting for workers that other trials' drivers keep from it.
 - No scheduler: every cell of the grid runs to the end (an early-stopped Train V2 trial leaves
-  its workers' placement group behind; see FIELD-NOTES.md).
+  its workers' placement group behind; see docs/platform-notes.md, "Ray Tune").
 - MLflow: one parent run per sweep (tag `sweep_path`, found again by `--resume`), one child run
   per trial (tags `mlflow.parentRunId` and `sweep_cell`). A trial that a resumed sweep starts
   again logs into its child run; one whose child run already FINISHED reports that run's
@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Mapping
 
+from janus_lab.cluster import connect_ray
 from janus_lab.config import SweepRunConfig
 from janus_lab.storage import is_s3_uri, pyarrow_filesystem, strip_scheme
 from janus_lab.sweeps.grid import cell_label, cell_slug, grid_cells
@@ -249,23 +250,6 @@ def sweep_cli(cls: type, run: Callable[[Any, bool], Any], argv: list[str] | None
     print(sweep.table.to_markdown(sweep.best))
     print(f"MLflow parent run: {sweep.parent_url}")
     return outcome, 1 if sweep.errors else 0
-
-
-def connect_ray() -> None:
-    """Connects to the Ray cluster (`RAY_ADDRESS`, a submitted job's, or a new local one).
-
-    Outside a submitted job the trials' processes do not see this shell's S3 and MLflow
-    variables, so they travel in the job's runtime env; a submitted job already has its own.
-    """
-    import os
-
-    import ray
-
-    from janus_lab.train.launch import forwarded_env
-
-    if not ray.is_initialized():
-        submitted = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ  # set by `ray job submit`
-        ray.init(runtime_env=None if submitted else {"env_vars": forwarded_env()})
 
 
 # --------------------------------------------------------------------------- inside a trial

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from janus_lab.cluster import forwarded_env
 from janus_lab.config import ExperimentConfig, flatten, to_dict
 from janus_lab.data.stream import DatasetLayout, read_manifest, scan_layout, split_size, steps_per_epoch
 from janus_lab.storage import is_s3_uri, pyarrow_filesystem, strip_scheme
@@ -21,9 +22,6 @@ RUN_DIR_TAG = "train_run_dir"
 RESUME_COUNT_TAG = "resume_count"
 """Tag: how many later submissions resumed this run from its checkpoints."""
 DEFAULT_SAMPLE_PROMPTS = ["a red circle on a white background", "a blue square on a yellow background"]
-# Environment the workers need to reach S3 and MLflow.
-FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
-                 "AWS_REGION", "MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL", "JANUS_CACHE_DIR")
 
 
 class PreflightError(ValueError):
@@ -203,11 +201,6 @@ def run_finetune(cfg: ExperimentConfig, run: "RunLogger | None" = None, callback
     checkpoint = result.checkpoint.path if result.checkpoint else None
     return FinetuneResult(run_name=cfg.name, checkpoint_path=checkpoint, export_uri=export_uri,
                           mlflow_run_id=logger.run_id, mlflow_url=logger.run_url(), metrics=result.metrics)
-
-
-def forwarded_env() -> dict[str, str]:
-    """The variables of FORWARDED_ENV this process has: what Ray workers need to reach S3 and MLflow."""
-    return {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
 
 
 def _has_checkpoints(folder: str, storage_fs) -> bool:

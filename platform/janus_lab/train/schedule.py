@@ -1,4 +1,4 @@
-"""Learning-rate schedule: linear warmup, then cosine decay to a floor (DESIGN.md §4)."""
+"""Learning-rate schedule: linear warmup, then cosine decay to a floor (docs/design.md, "Training")."""
 
 from __future__ import annotations
 
