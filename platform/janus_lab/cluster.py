@@ -34,3 +34,14 @@ def connect_ray() -> None:
     if ray.is_initialized():
         return
     ray.init(runtime_env=None if in_submitted_job() else {"env_vars": forwarded_env()})
+
+
+def ray_storage(uri: str):
+    """Ray Train's and Tune's `storage_path` and `storage_filesystem` for a local folder (an
+    absolute path, no filesystem: Ray's default) or an `s3://` prefix (`bucket/key` and a pyarrow
+    S3 filesystem configured from the environment, which Ray's own URI handling would not be)."""
+    from janus_lab.storage import is_s3_uri, pyarrow_filesystem, strip_scheme
+
+    if is_s3_uri(uri):
+        return strip_scheme(uri).rstrip("/"), pyarrow_filesystem(uri)[0]
+    return os.path.abspath(uri), None

@@ -22,9 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Mapping
 
-from janus_lab.cluster import connect_ray
+from janus_lab.cluster import connect_ray, ray_storage
 from janus_lab.config import SweepRunConfig
-from janus_lab.storage import is_s3_uri, pyarrow_filesystem, strip_scheme
 from janus_lab.sweeps.grid import cell_label, cell_slug, grid_cells
 from janus_lab.sweeps.results import ResultsTable
 from janus_lab.tracking import GIT_COMMIT_TAG, PARENT_RUN_TAG, RunLogger, find_run, git_commit
@@ -111,12 +110,8 @@ class SweepOutcome:
 
 def experiment_dir(run: SweepRunConfig, name: str) -> tuple[str, str, Any]:
     """(Tune storage_path, experiment path, pyarrow filesystem or None) of a sweep."""
-    if is_s3_uri(run.storage_path):
-        fs, _ = pyarrow_filesystem(run.storage_path)
-        storage = strip_scheme(run.storage_path).rstrip("/")
-        return storage, f"{storage}/{name}", fs
-    storage = str(Path(run.storage_path).absolute())
-    return storage, f"{storage}/{name}", None
+    storage, fs = ray_storage(run.storage_path)
+    return storage, f"{storage}/{name}", fs
 
 
 def run_sweep(spec: SweepSpec, make_trainable: Callable[[str], Any], resources: TrialResources,

@@ -7,10 +7,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from janus_lab.cluster import forwarded_env
+from janus_lab.cluster import forwarded_env, ray_storage
 from janus_lab.config import ExperimentConfig, flatten, to_dict
 from janus_lab.data.stream import DatasetLayout, read_manifest, scan_layout, split_size, steps_per_epoch
-from janus_lab.storage import is_s3_uri, pyarrow_filesystem, strip_scheme
+from janus_lab.storage import is_s3_uri
 from janus_lab.train.loop import LoopPlan, train_loop_per_worker
 
 if TYPE_CHECKING:
@@ -136,7 +136,7 @@ def run_finetune(cfg: ExperimentConfig, run: "RunLogger | None" = None, callback
 
     manifest, per_epoch, total, val_rows = preflight(cfg)
     layout = dataset_layout(cfg.data.uri, manifest)
-    storage_path, storage_fs = _storage(cfg.train.storage_path)
+    storage_path, storage_fs = ray_storage(cfg.train.storage_path)
     run_dir = f"{cfg.train.storage_path.rstrip('/')}/{cfg.name}"
     export_uri = f"{run_dir}/export"
 
@@ -204,7 +204,7 @@ def run_finetune(cfg: ExperimentConfig, run: "RunLogger | None" = None, callback
 
 
 def _has_checkpoints(folder: str, storage_fs) -> bool:
-    """Whether a run folder (in Ray Train's storage form, see `_storage`) holds checkpoints to resume."""
+    """Whether a run folder (in Ray Train's storage form, see `ray_storage`) holds checkpoints to resume."""
     if storage_fs is None:
         names = os.listdir(folder) if os.path.isdir(folder) else []
     else:
@@ -213,11 +213,3 @@ def _has_checkpoints(folder: str, storage_fs) -> bool:
         found = storage_fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
         names = [info.base_name for info in found]
     return any(name.startswith("checkpoint_") for name in names)
-
-
-def _storage(path: str):
-    """Ray Train's storage_path and filesystem for a local folder or an s3:// prefix."""
-    if is_s3_uri(path):
-        fs, _ = pyarrow_filesystem(path)
-        return strip_scheme(path), fs
-    return os.path.abspath(path), None
