@@ -22,6 +22,7 @@ import sys
 from janus_lab.config import ConfigError, parse_cli
 from janus_lab.evaluation.benchmarks import BenchmarkFileError
 from janus_lab.evaluation.evaluate import EvaluateConfig, run_evaluate
+from janus_lab.evaluation.heldout import EvaluationDataError
 from janus_lab.generation.loading import ModelSourceError
 from janus_lab.generation.requests import GenerationRequestError
 
@@ -30,8 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_cli(EvaluateConfig, argv, description=__doc__)
     try:
         summary = run_evaluate(cfg)
-    except (BenchmarkFileError, ConfigError, FileNotFoundError, GenerationRequestError, ModelSourceError,
-            ValueError) as error:
+    except (BenchmarkFileError, ConfigError, EvaluationDataError, FileNotFoundError, GenerationRequestError,
+            ModelSourceError) as error:  # what the user can fix; anything else is a bug and shows its traceback
         print(f"error: {error}", file=sys.stderr)
         return 2
     if summary.clip_label:

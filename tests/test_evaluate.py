@@ -157,3 +157,9 @@ def test_bad_benchmark_files_are_refused_before_the_model_loads(tmp_path):
         read_imgedit(files["imgedit"], tmp_path / "elsewhere")
     rc, _, err = evaluate_job("model=debug", f"geneval={tmp_path / 'bad.jsonl'}", f"output_dir={tmp_path / 'o'}")
     assert rc == 2 and "has no `prompt`" in err
+
+
+def test_a_dataset_without_val_rows_is_a_clear_error_not_a_traceback(tmp_path):
+    dataset = write_synthetic_dataset(tmp_path / "shards", num_val=0)
+    rc, _, err = evaluate_job("model=debug", f"data_uri={dataset}", f"output_dir={tmp_path / 'o'}")
+    assert rc == 2 and "has no val rows" in err and "Traceback" not in err

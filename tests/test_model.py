@@ -26,9 +26,16 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_stdlib_platform_is_not_shadowed():
     # platform/ holds the package but must never become a package itself.
-    out = subprocess.run([sys.executable, "-c", "import platform; print(platform.system())"],
+    # Run from the repository root, where `platform/` is on the path first: the import must
+    # still find the standard library's module (ray, torch and uuid import it).
+    import platform as stdlib_platform
+
+    out = subprocess.run([sys.executable, "-c", "import platform; print(platform.__file__); print(platform.system())"],
                          cwd=REPO, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "Linux"
+    module_file, system = out.stdout.split()
+    assert Path(module_file).resolve() == Path(stdlib_platform.__file__).resolve()
+    assert REPO not in Path(module_file).resolve().parents
+    assert system == stdlib_platform.system()
     assert not (REPO / "platform" / "__init__.py").exists()
 
 

@@ -172,13 +172,19 @@ def test_length_grouping_reduces_padding(layout, builder):
 
 
 def test_batches_carry_input_images_for_editing_samples(layout, builder):
+    edit_batches = 0
     for batch in epoch_micro_batches(layout, builder, spec(ti2i_image_drop=0.0)):
         image_slots = int((batch["input_ids"] == builder.special.image).sum())
-        if image_slots:
+        editing_rows = int((~batch["task_is_t2i"]).sum())
+        # With no image dropped, a batch has image slots exactly when it has editing rows.
+        assert (image_slots > 0) == (editing_rows > 0)
+        if editing_rows:
+            edit_batches += 1
             assert batch["pixel_values"].shape[0] * builder.num_image_tokens == image_slots
             assert batch["pixel_values"].shape[1:] == (3, 64, 64)
             assert torch.all(batch["pixel_values"].abs() <= 1.0)
         assert batch["task_is_t2i"].dtype == torch.bool
+    assert edit_batches > 0, "the dataset's epoch held no editing sample: the checks above never ran"
 
 
 def test_the_order_signature_names_seed_window_and_layout(layout, two_sources):

@@ -19,6 +19,10 @@ from janus_lab.model.sequence import PromptTooLongError, SequenceBuilder
 from janus_lab.storage import pyarrow_filesystem
 
 
+class EvaluationDataError(ValueError):
+    """The dataset cannot be evaluated as asked (no val rows, or none that fits)."""
+
+
 def read_split_rows(uri: str, split: str = "val") -> list[dict]:
     """One split's rows of an ingested dataset, in shard order (for sets small enough to hold).
 
@@ -50,7 +54,8 @@ def heldout_metrics(bundle: JanusBundle, data_uri: str, batch_size: int = 4,
 
     rows = read_split_rows(data_uri, "val")
     if not rows:
-        raise ValueError(f"{data_uri} has no val rows to evaluate on (ingested with val_fraction 0 or val_count 0?)")
+        raise EvaluationDataError(f"{data_uri} has no val rows to evaluate on "
+                                  "(ingested with val_fraction 0 or val_count 0?)")
     builder = SequenceBuilder(bundle.processor.tokenizer, bundle.num_image_tokens, max_text_tokens)
     refused = {}
     for row in rows:
@@ -60,7 +65,7 @@ def heldout_metrics(bundle: JanusBundle, data_uri: str, batch_size: int = 4,
             refused[row["id"]] = str(err)
     rows = [row for row in rows if row["id"] not in refused]
     if not rows:
-        raise ValueError(f"every val row of {data_uri} has a prompt over max_text_tokens={max_text_tokens}")
+        raise EvaluationDataError(f"every val row of {data_uri} has a prompt over max_text_tokens={max_text_tokens}")
     device = next(bundle.model.parameters()).device
     objective = GenerationObjective(bundle.model).to(device)
     # validate() reads its micro-batch size from an experiment config.

@@ -34,8 +34,3 @@ def cell_slug(cell: Mapping[str, Any]) -> str:
     """`t2i_text_drop0.1-ti2i_image_drop0.5`: safe in paths, S3 keys and Ray run names."""
     text = "-".join(f"{short_key(key)}{value}" for key, value in cell.items())
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text)
-
-
-def cell_of(config: Mapping[str, Any], grid: Mapping[str, list[Any]]) -> Cell:
-    """The grid's keys picked out of a trial's config (Tune passes more than the cell)."""
-    return {key: config[key] for key in grid}
