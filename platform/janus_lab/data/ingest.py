@@ -70,6 +70,7 @@ from janus_lab.data.sources import (
     list_source_files,
     read_records,
 )
+from janus_lab.patches import num_image_tokens
 from janus_lab.storage import is_s3_uri, pyarrow_filesystem
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,6 @@ STAGING_PREFIX = "_tmp-"
 # Everything an ingest ever writes into its output folder; anything else there is not ours.
 OUTPUT_PATTERNS = (f"{SHARD_PREFIX}*.parquet", REJECTS_NAME, MANIFEST_NAME, f"{MANIFEST_NAME}.*.tmp",
                    f"{STAGING_PREFIX}*")
-PATCH_SIZE = 16  # janus_lab.model.builders.PATCH_SIZE; not imported, the driver never loads the model
 # Each per-record limit (an `IngestLimitsConfig` field) and the reject category it causes; the
 # manifest and the job's log say how many records each one dropped.
 LIMIT_CATEGORIES = {"max_text_tokens": PROMPT_TOO_LONG, "max_image_pixels": IMAGE_TOO_LARGE}
@@ -359,7 +359,6 @@ class VQEncoder:
         # The model is imported here, in the actor: the driver never needs it.
         import torch
 
-        from janus_lab.model.builders import PATCH_SIZE
         from janus_lab.model.sequence import SequenceBuilder
         from janus_lab.model.weights import load_vq_tokenizer
 
@@ -382,7 +381,7 @@ class VQEncoder:
         if codebook > 2**15:
             raise ValueError(f"a codebook of {codebook} codes does not fit the int16 codes of the shard schema")
         self.fingerprint = vq_fingerprint(vq, processor.tokenizer)
-        self.builder = SequenceBuilder(processor.tokenizer, (image_size // PATCH_SIZE) ** 2, max_text_tokens)
+        self.builder = SequenceBuilder(processor.tokenizer, num_image_tokens(image_size), max_text_tokens)
         self.vq = vq.to(device=self.device, dtype=torch.float32).eval()
 
     def _prompt_problem(self, prompt: str) -> str | None:
@@ -655,7 +654,7 @@ def _finish(cfg: IngestConfig, output_uri: str, staging_uri: str, summaries: lis
     manifest = DatasetManifest(
         source={"format": cfg.source.format, "path": cfg.source.path},
         model={"preset": model.preset, "weights": model.weights, "init_seed": None if model.weights else cfg.init_seed,
-               "image_size": model.image_size, "num_image_tokens": (model.image_size // PATCH_SIZE) ** 2,
+               "image_size": model.image_size, "num_image_tokens": num_image_tokens(model.image_size),
                "fingerprint": fingerprints.pop()},
         counts=counts, rows=rows, shards=shards, rejects=len(rejects),
         val_fraction=cfg.split.fraction, val_count=cfg.split.val_count, seed=cfg.split.seed,

@@ -15,10 +15,10 @@ import torch
 from transformers import JanusConfig, JanusForConditionalGeneration, JanusProcessor
 
 from janus_lab.model.tokenizer import SpecialTokenIds, build_debug_tokenizer, build_processor
+from janus_lab.patches import PATCH_SIZE, num_image_tokens
 
 VQ_CODEBOOK_SIZE = 16384
 VQ_EMBED_DIM = 8
-PATCH_SIZE = 16
 # Five VQ resolutions halve the side four times: 384 px -> 24 x 24 codes, one per SigLIP patch.
 VQ_CHANNEL_MULTIPLIER = (1, 1, 2, 2, 4)
 
@@ -44,7 +44,7 @@ class JanusBundle:
     @property
     def num_image_tokens(self) -> int:
         """Codes per image (N in docs/design.md, "Sequence layout")."""
-        return (self.image_size // PATCH_SIZE) ** 2
+        return num_image_tokens(self.image_size)
 
 
 def janus_config(
@@ -150,7 +150,7 @@ def debug(image_size: int = 64, seed: int = 0, dtype: torch.dtype = torch.float3
         image_size=image_size, vision_hidden=32, vision_layers=1, vision_heads=2,
         vq_base_channels=32, special_ids=special, max_positions=4096,
     )
-    processor = build_processor(tokenizer, image_size, (image_size // PATCH_SIZE) ** 2)
+    processor = build_processor(tokenizer, image_size, num_image_tokens(image_size))
     return _instantiate(config, processor, "debug", seed, dtype, device)
 
 

@@ -28,6 +28,7 @@ from transformers import (
 
 from janus_lab.model.builders import janus_config
 from janus_lab.model.tokenizer import BOI_TOKEN, EOI_TOKEN, IMAGE_TOKEN, PAD_TOKEN, SpecialTokenIds, build_processor
+from janus_lab.patches import num_image_tokens
 
 # (DeepSeek pattern, transformers pattern). `{n}` stands for a layer index. Order matters: the
 # first rule whose pattern matches a key renames it. Fused qkv is split separately.
@@ -304,7 +305,7 @@ def convert_deepseek_checkpoint(src: str | Path, dst: str | Path, allow_pickle: 
     special = SpecialTokenIds.from_tokenizer(tokenizer)
     model = model_from_deepseek(config, _read_weights(src, allow_pickle), special)
     image_size = model.config.vision_config.image_size
-    processor: JanusProcessor = build_processor(tokenizer, image_size, (image_size // 16) ** 2)
+    processor: JanusProcessor = build_processor(tokenizer, image_size, num_image_tokens(image_size))
     dst.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(dst, safe_serialization=True)
     processor.save_pretrained(dst)

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from janus_lab.cluster import forwarded_env, ray_storage
 from janus_lab.config import ExperimentConfig, flatten, to_dict
 from janus_lab.data.stream import DatasetLayout, read_manifest, scan_layout, split_size, steps_per_epoch
+from janus_lab.patches import num_image_tokens
 from janus_lab.storage import is_s3_uri
 from janus_lab.train.loop import LoopPlan, train_loop_per_worker
 
@@ -59,7 +60,7 @@ def preflight(cfg: ExperimentConfig) -> tuple[dict, int, int, int]:
                              "format checkpoint folder (convert DeepSeek checkpoints with "
                              "`python -m janus_lab.model.convert`) or an s3:// prefix")
     tokens = manifest.get("model", {}).get("num_image_tokens")
-    expected = (cfg.model.image_size // 16) ** 2
+    expected = num_image_tokens(cfg.model.image_size)
     if tokens is not None and int(tokens) != expected:
         raise PreflightError(f"{cfg.data.uri} was ingested with {tokens} codes per image but model.image_size="
                              f"{cfg.model.image_size} uses {expected}; re-ingest or change model.image_size")
