@@ -551,7 +551,7 @@ def _read_config_file(path: Path) -> dict:
     if data is None:  # an empty file means all defaults
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of config keys, got {_show(data)}")
+        raise ConfigError(f"{path}: expected a mapping of config keys, got {_typed_repr(data)}")
     return data
 
 
@@ -747,12 +747,12 @@ class _Builder:
         raise self._mismatch(key, _type_name(tp), value)
 
     def _mismatch(self, key: str, expected: str, value: Any) -> _TypeMismatch:
-        return _TypeMismatch(key, f"{key}: expected {expected}, got {_show(value)} "
+        return _TypeMismatch(key, f"{key}: expected {expected}, got {_typed_repr(value)} "
                                   f"(in {self.source_of(key)})")
 
     def _section_error(self, key: str, value: Any) -> ConfigError:
         return ConfigError(f"{key}: is a section, expected a mapping of its keys, "
-                           f"got {_show(value)} (in {self.source_of(key)})")
+                           f"got {_typed_repr(value)} (in {self.source_of(key)})")
 
     def _unknown_key(self, cls: type, prefix: str, name: str, source: str) -> ConfigError:
         names = list(_init_fields(cls))
@@ -801,7 +801,7 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
-def _show(value: Any) -> str:
+def _typed_repr(value: Any) -> str:
     if value is None:
         return "None"
     text = repr(value)

@@ -176,12 +176,12 @@ def promote(cfg: PromoteConfig) -> PromotionResult:
 
 def _decide(cfg: PromoteConfig, version: str, value: float, previous: VersionScore | None) -> tuple[str, str]:
     """(the decision in words, the champion version after it)."""
-    this = f"{cfg.name} v{version} ({cfg.metric} {_show(value)})"
+    this = f"{cfg.name} v{version} ({cfg.metric} {_metric_text(value)})"
     if previous is None:
         return f"{this}: no champion yet: champion -> v{version}; v{version} is challenger", version
     if previous.version == version:
         return f"{this} is already champion: champion stays v{version}; v{version} is challenger", version
-    other = f"champion v{previous.version} ({cfg.metric} {_show(previous.value)})"
+    other = f"champion v{previous.version} ({cfg.metric} {_metric_text(previous.value)})"
     if cfg.force:
         return (f"{this} forced over {other}: champion -> v{version} (reason: {cfg.reason.strip()}); "
                 f"v{version} is challenger"), version
@@ -191,7 +191,7 @@ def _decide(cfg: PromoteConfig, version: str, value: float, previous: VersionSco
             f"v{version} is challenger"), previous.version
 
 
-def _show(value: float) -> str:
+def _metric_text(value: float) -> str:
     # Enough digits that two values shown as equal are (nearly) equal, few enough to read.
     return f"{value:.6g}"
 

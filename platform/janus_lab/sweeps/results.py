@@ -90,7 +90,7 @@ class ResultsTable:
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for row in self.rows:
             cells = [str(row[p]) for p in self.params]
-            cells += [_show_spread(row, m) if self.seeds else _show(row.get(m)) for m in self.metrics]
+            cells += [_show_spread(row, m) if self.seeds else _cell_text(row.get(m)) for m in self.metrics]
             mark = " *" if best is not None and row is best else ""
             cells += [row["status"] + mark, row["run_id"]]
             lines.append("| " + " | ".join(cells) + " |")
@@ -132,7 +132,7 @@ class ResultsTable:
                 grid[i][j] = math.nan if row.get(metric) is None else row[metric]
                 if row is best:
                     axis.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2.5))
-                axis.text(j, i, _show(row.get(metric)), ha="center", va="center", fontsize=8, color="white",
+                axis.text(j, i, _cell_text(row.get(metric)), ha="center", va="center", fontsize=8, color="white",
                           bbox={"facecolor": "black", "alpha": 0.35, "pad": 1, "linewidth": 0})
             axis.imshow(grid, cmap=colours, vmin=low, vmax=high if high > low else low + 1e-9, aspect="auto")
             axis.set_yticks(range(len(row_values)), [str(v) for v in row_values])
@@ -170,7 +170,7 @@ def _number(value: Any) -> float | None:
     return number if math.isfinite(number) else None
 
 
-def _show(value: float | None) -> str:
+def _cell_text(value: float | None) -> str:
     return "" if value is None else f"{value:.4g}"
 
 

@@ -67,8 +67,8 @@ def plan_concurrency(requested: int, resources: TrialResources, cluster: Mapping
         if need > 0:
             fits = min(fits, math.floor(cluster.get(name, 0.0) / need + 1e-9))
     if fits < 1:
-        raise SweepError(f"one trial needs {_show(resources.total)} ({_show(resources.reserved)} for the trial "
-                         f"itself, {_show(resources.beside)} beside it) but the cluster has {_show(cluster)}; "
+        raise SweepError(f"one trial needs {_resources_text(resources.total)} ({_resources_text(resources.reserved)} for the trial "
+                         f"itself, {_resources_text(resources.beside)} beside it) but the cluster has {_resources_text(cluster)}; "
                          "lower the per-trial resources or add nodes")
     return fits
 
@@ -144,7 +144,7 @@ def run_sweep(spec: SweepSpec, make_trainable: Callable[[str], Any], resources: 
     parent = _parent_run(spec, path, resume)
     cells = grid_cells(spec.grid)
     print(f"sweep {spec.name}: {len(cells)} trials, at most {concurrency} at once, each holding "
-          f"{_show(resources.total)}; MLflow parent run {parent.run_url()}", flush=True)
+          f"{_resources_text(resources.total)}; MLflow parent run {parent.run_url()}", flush=True)
 
     trainable = tune.with_resources(make_trainable(parent.run_id),
                                     tune.PlacementGroupFactory([{k: v for k, v in resources.reserved.items() if v}]))
@@ -274,5 +274,5 @@ def open_trial_run(tracking_uri: str, experiment: str, parent_run_id: str, cell:
                               parent_run_id=parent_run_id)
 
 
-def _show(resources: Mapping[str, float]) -> str:
+def _resources_text(resources: Mapping[str, float]) -> str:
     return ", ".join(f"{v:g} {k}" for k, v in resources.items()) or "nothing"
