@@ -67,9 +67,10 @@ def plan_concurrency(requested: int, resources: TrialResources, cluster: Mapping
         if need > 0:
             fits = min(fits, math.floor(cluster.get(name, 0.0) / need + 1e-9))
     if fits < 1:
-        raise SweepError(f"one trial needs {_resources_text(resources.total)} ({_resources_text(resources.reserved)} for the trial "
-                         f"itself, {_resources_text(resources.beside)} beside it) but the cluster has {_resources_text(cluster)}; "
-                         "lower the per-trial resources or add nodes")
+        total, reserved = _resources_text(resources.total), _resources_text(resources.reserved)
+        raise SweepError(f"one trial needs {total} ({reserved} for the trial itself, "
+                         f"{_resources_text(resources.beside)} beside it) but the cluster has "
+                         f"{_resources_text(cluster)}; lower the per-trial resources or add nodes")
     return fits
 
 
