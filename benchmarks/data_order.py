@@ -36,6 +36,7 @@ workers read it W times. Also: what a worker resuming at the middle of its part 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import tempfile
@@ -102,10 +103,10 @@ def write_in_source_order(after_uri: str, uri: str, rows_per_shard: int, rows_pe
     import pyarrow.parquet as pq
 
     from janus_lab.data.ingest import read_shards
-    from janus_lab.data.stream import read_manifest
+    from janus_lab.data.schema import DatasetManifest
     from janus_lab.storage import pyarrow_filesystem
 
-    manifest = read_manifest(after_uri)
+    manifest = DatasetManifest.read(after_uri)
     table = read_shards(after_uri)
     # Sample ids are "<source>-<task>_<number>": T2I records come first in each source file.
     table = table.take(pa.array(sorted(range(table.num_rows), key=lambda i: table["id"][i].as_py())))
@@ -122,8 +123,7 @@ def write_in_source_order(after_uri: str, uri: str, rows_per_shard: int, rows_pe
                 rows = shard.filter(pc.equal(shard["split"], split))
                 if rows.num_rows:
                     writer.write_table(rows, row_group_size=rows_per_row_group)
-    with fs.open_output_stream(f"{root}/_manifest.json") as out:
-        out.write(json.dumps(manifest | {"shards": shards}).encode())
+    dataclasses.replace(manifest, shards=shards).write(uri)
 
 
 # --------------------------------------------------------------------------- orders
@@ -134,13 +134,14 @@ def old_rank_rows(uri: str, seed: int, epoch: int, world_size: int) -> list[list
     import pyarrow.parquet as pq
 
     from janus_lab.data.order import order_key
-    from janus_lab.data.stream import STREAM_COLUMNS, read_manifest
+    from janus_lab.data.schema import DatasetManifest
+    from janus_lab.data.stream import STREAM_COLUMNS
     from janus_lab.storage import pyarrow_filesystem
 
-    manifest = read_manifest(uri)
+    manifest = DatasetManifest.read(uri)
     fs, root = pyarrow_filesystem(uri)
     rows = []
-    for name in sorted(manifest["shards"], key=lambda n: order_key(seed, epoch, f"shard:{n}")):
+    for name in sorted(manifest.shards, key=lambda n: order_key(seed, epoch, f"shard:{n}")):
         table = pq.read_table(f"{root}/{name}", filesystem=fs, columns=[*STREAM_COLUMNS, "source"])
         shard = [row for row in table.to_pylist() if row["split"] == "train"]
         rows.extend(sorted(shard, key=lambda row: order_key(seed, epoch, row["id"])))
@@ -235,12 +236,13 @@ def whole_read_bytes(uri: str) -> int:
     """Bytes of one read of every shard's training columns: what each worker fetched before."""
     import pyarrow.parquet as pq
 
-    from janus_lab.data.stream import STREAM_COLUMNS, ReadCounter, read_manifest
+    from janus_lab.data.schema import DatasetManifest
+    from janus_lab.data.stream import STREAM_COLUMNS, ReadCounter
     from janus_lab.storage import pyarrow_filesystem
 
     fs, root = pyarrow_filesystem(uri)
     counter = ReadCounter(fs)
-    for name in read_manifest(uri)["shards"]:
+    for name in DatasetManifest.read(uri).shards:
         with counter.open_input_file(f"{root}/{name}") as handle:
             pq.read_table(handle, columns=STREAM_COLUMNS)
     return counter.bytes_read
@@ -272,7 +274,8 @@ def main(argv: list[str] | None = None) -> None:
     log(f"load average {os.getloadavg()[0]:.1f}")
     import ray
 
-    from janus_lab.data.stream import StreamSpec, epoch_micro_batches, read_manifest, scan_layout, steps_per_epoch
+    from janus_lab.data.schema import DatasetManifest
+    from janus_lab.data.stream import StreamSpec, epoch_micro_batches, scan_layout, steps_per_epoch
     from janus_lab.model import SequenceBuilder
 
     stack = None
@@ -288,8 +291,9 @@ def main(argv: list[str] | None = None) -> None:
             rows_per_shard = args.steps_per_shard * args.workers * args.micro_batch * args.accumulation
             write_in_source_order(uris["after"], uris["before"], rows_per_shard, None)
             write_in_source_order(uris["after"], uris["reader only"], rows_per_shard, args.rows_per_row_group)
-            manifest = read_manifest(uris["after"])
-            builder = SequenceBuilder(model_for(manifest).processor.tokenizer, int(manifest["model"]["num_image_tokens"]))
+            manifest = DatasetManifest.read(uris["after"])
+            tokens = int(manifest.model["num_image_tokens"])
+            builder = SequenceBuilder(model_for(manifest).processor.tokenizer, tokens)
 
             # ---- data order
             W, micro, accumulation = args.workers, args.micro_batch, args.accumulation

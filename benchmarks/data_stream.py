@@ -118,17 +118,17 @@ def write_and_ingest(work: Path, bucket: str, args: argparse.Namespace) -> tuple
     return uri, source
 
 
-def model_for(manifest: dict):
+def model_for(manifest):
     """The model the dataset was ingested with (same preset, side and init seed: same VQ codes)."""
     from janus_lab.config import ModelConfig
     from janus_lab.model.weights import build_bundle
 
-    spec = manifest["model"]
+    spec = manifest.model
     config = ModelConfig(preset=spec["preset"], weights=spec.get("weights"), image_size=int(spec["image_size"]))
     return build_bundle(config, init_seed=spec.get("init_seed") or 0)
 
 
-def shard_bytes(uri: str, manifest: dict) -> dict[str, int]:
+def shard_bytes(uri: str, manifest) -> dict[str, int]:
     """Bytes of the dataset's shard objects: in all, and per top-level column (compressed chunks)."""
     import pyarrow.parquet as pq
 
@@ -136,7 +136,7 @@ def shard_bytes(uri: str, manifest: dict) -> dict[str, int]:
 
     fs, root = pyarrow_filesystem(uri)
     sizes = {"total": 0}
-    for name in manifest["shards"]:
+    for name in manifest.shards:
         path = f"{root.rstrip('/')}/{name}"
         sizes["total"] += fs.get_file_info(path).size
         with fs.open_input_file(path) as handle:
@@ -337,7 +337,7 @@ def main(argv: list[str] | None = None) -> None:
     log(f"load average {os.getloadavg()[0]:.1f}")
     import ray
 
-    from janus_lab.data.stream import read_manifest
+    from janus_lab.data.schema import DatasetManifest
 
     stack = None
     with tempfile.TemporaryDirectory(prefix="janus-bench-data-") as tmp:
@@ -351,18 +351,18 @@ def main(argv: list[str] | None = None) -> None:
                 uri, source = write_and_ingest(work, stack.bucket, args)
             else:
                 uri = args.dataset_uri
-            manifest = read_manifest(uri)
+            manifest = DatasetManifest.read(uri)
             if args.dataset_uri is not None:
-                given = args.source_dir or manifest["source"]["path"]
+                given = args.source_dir or manifest.source["path"]
                 if str(given).startswith("s3://"):
                     raise SystemExit(f"the naive path reads a local folder; {given} is in S3: pass --source-dir")
                 source = Path(given)
             bundle = model_for(manifest)
             folder = extract_source(source, work / "extracted")
             items = naive_items(folder)
-            stored = {k: v / manifest["rows"] for k, v in shard_bytes(uri, manifest).items()}
+            stored = {k: v / manifest.rows for k, v in shard_bytes(uri, manifest).items()}
             raw = raw_image_bytes(folder, items) / len(items)
-            log(f"{manifest['rows']} rows in {len(manifest['shards'])} shards; streaming {args.epochs} epochs")
+            log(f"{manifest.rows} rows in {len(manifest.shards)} shards; streaming {args.epochs} epochs")
             stream = run_stream(uri, bundle, args)
             log(f"naive path over {min(args.naive_samples, len(items))} samples")
             naive = run_naive(folder, items, bundle, args)

@@ -7,13 +7,14 @@ Codes are drawn from a small set of patterns so that a few steps visibly lower t
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
+
+from janus_lab.data.schema import DatasetManifest
 
 SCHEMA = pa.schema([
     ("id", pa.string()), ("task", pa.string()), ("prompt", pa.string()),
@@ -71,9 +72,9 @@ def write_synthetic_dataset(root: str | Path, num_t2i: int = 24, num_ti2i: int =
     for row in rows:
         counts.setdefault(row["task"], {}).setdefault(row["split"], 0)
         counts[row["task"]][row["split"]] += 1
-    manifest = {"schema_version": 1, "shards": shards, "rows": total, "counts": counts,
-                "model": {"preset": "debug", "image_size": image_side, "num_image_tokens": num_image_tokens,
-                          "fingerprint": "synthetic"},
-                "source": {"format": "synthetic", "path": None}}
-    (root / "_manifest.json").write_text(json.dumps(manifest, indent=2))
+    DatasetManifest(source={"format": "synthetic", "path": None},
+                    model={"preset": "debug", "image_size": image_side, "num_image_tokens": num_image_tokens,
+                           "fingerprint": "synthetic"},
+                    counts=counts, rows=total, shards=shards, rejects=0, val_fraction=None, seed=seed,
+                    val_count=num_val).write(str(root))
     return root

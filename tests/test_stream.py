@@ -7,6 +7,7 @@ import pytest
 import torch
 from pyarrow import fs as pafs
 
+from janus_lab.data.schema import DatasetManifest
 from janus_lab.data.stream import (
     ReadCounter,
     StreamSpec,
@@ -14,11 +15,9 @@ from janus_lab.data.stream import (
     epoch_order_signature,
     epoch_part,
     micro_batches,
-    read_manifest,
     read_part,
     read_split,
     scan_layout,
-    split_size,
     steps_per_epoch,
 )
 from janus_lab.model import SequenceBuilder, debug
@@ -75,9 +74,9 @@ def counted_read(layout, rank: int, world_size: int, **kwargs) -> int:
 def test_the_layout_counts_each_row_group_per_split(tmp_path):
     # Old layout: one row group per shard, the last one mixing train and validation rows.
     mixed = scan_layout(str(write_synthetic_dataset(tmp_path / "mixed", num_t2i=24, num_ti2i=16, num_val=8)))
-    manifest = read_manifest(mixed.uri)
+    manifest = DatasetManifest.read(mixed.uri)
     assert [(g.train, g.val) for g in mixed.row_groups] == [(16, 0), (16, 0), (8, 8)]
-    assert mixed.rows("train") == split_size(manifest, "train") and mixed.rows("val") == 8
+    assert mixed.rows("train") == manifest.split_rows("train") and mixed.rows("val") == 8
     assert {row["id"] for row in read_split(mixed, "val")} == {f"sample-{i:04d}" for i in range(40, 48)}
 
 
@@ -195,12 +194,13 @@ def test_the_order_signature_names_seed_window_and_layout(layout, two_sources):
 
 
 def test_epoch_arithmetic():
-    manifest = {"counts": {"t2i": {"train": 40, "val": 4}, "ti2i": {"train": 24}}}
-    assert split_size(manifest, "train") == 64 and split_size(manifest, "val") == 4
+    manifest = DatasetManifest(source={}, model={}, counts={"t2i": {"train": 40, "val": 4}, "ti2i": {"train": 24}},
+                               rows=68, shards=[], rejects=0, val_fraction=None, seed=0)
+    assert manifest.split_rows("train") == 64 and manifest.split_rows("val") == 4
     assert steps_per_epoch(64, world_size=2, micro_batch_size=2, accumulation=4) == 4
     assert steps_per_epoch(15, world_size=2, micro_batch_size=2, accumulation=4) == 0
 
 
 def test_missing_manifest_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="ingest it first"):
-        read_manifest(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="has no _manifest.json: .*ingest it with jobs/ingest.py"):
+        DatasetManifest.read(str(tmp_path))

@@ -163,6 +163,10 @@ class DatasetManifest:
     created: str = field(default_factory=_utc_now)
     """When the ingest finished, ISO 8601 in UTC."""
 
+    def split_rows(self, split: str) -> int:
+        """Rows of one split (`train` or `val`), summed over tasks."""
+        return sum(int(per_split.get(split, 0)) for per_split in self.counts.values())
+
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
 
@@ -197,7 +201,7 @@ class DatasetManifest:
         path = f"{root.rstrip('/')}/{MANIFEST_NAME}"
         if fs.get_file_info(path).type != pafs.FileType.File:
             raise FileNotFoundError(f"{uri} has no {MANIFEST_NAME}: not an ingested dataset, or its ingest "
-                                    "did not finish")
+                                    "did not finish (ingest it with jobs/ingest.py)")
         with fs.open_input_stream(path) as stream:
             return cls.from_json(stream.read().decode())
 

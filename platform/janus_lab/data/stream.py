@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -38,35 +37,11 @@ import pyarrow.parquet as pq
 import torch
 
 from janus_lab.data.order import ShuffleWithinBlock, order_key
-from janus_lab.data.schema import MANIFEST_NAME
+from janus_lab.data.schema import DatasetManifest
 from janus_lab.model.sequence import SequenceBuilder, TokenizedSample, collate_samples, draw_mask_decision
 from janus_lab.storage import pyarrow_filesystem
 
 STREAM_COLUMNS = ["id", "task", "prompt", "output_codes", "input_codes", "input_pixels", "split"]
-
-
-def read_manifest(uri: str) -> dict:
-    """Reads `_manifest.json` of an ingested dataset.
-
-    Raises:
-        FileNotFoundError: no manifest (missing, or an ingest that never finished).
-    """
-    from pyarrow import fs as pafs
-
-    fs, root = pyarrow_filesystem(uri)
-    path = f"{root.rstrip('/')}/{MANIFEST_NAME}"
-    if fs.get_file_info(path).type == pafs.FileType.NotFound:
-        raise FileNotFoundError(
-            f"{uri} has no {MANIFEST_NAME}: ingest it first (jobs/ingest.py); an ingest that was interrupted "
-            "leaves no manifest"
-        )
-    with fs.open_input_stream(path) as stream:
-        return json.loads(stream.read())
-
-
-def split_size(manifest: dict, split: str) -> int:
-    """Rows of one split, summed over tasks, from the manifest counts."""
-    return sum(int(per_split.get(split, 0)) for per_split in manifest["counts"].values())
 
 
 # --------------------------------------------------------------------------- layout
@@ -106,7 +81,7 @@ class DatasetLayout:
         return hashlib.blake2b(text.encode(), digest_size=6).hexdigest()
 
 
-def scan_layout(uri: str, manifest: dict | None = None, threads: int = 16) -> DatasetLayout:
+def scan_layout(uri: str, manifest: DatasetManifest | None = None, threads: int = 16) -> DatasetLayout:
     """Reads the footer of every shard and counts each row group's rows per split.
 
     A row group of one split says so in its footer statistics (ingest writes those); in shards
@@ -117,7 +92,7 @@ def scan_layout(uri: str, manifest: dict | None = None, threads: int = 16) -> Da
         manifest: its `_manifest.json`, when already read.
         threads: footers fetched at once.
     """
-    manifest = manifest or read_manifest(uri)
+    manifest = manifest or DatasetManifest.read(uri)
     fs, root = pyarrow_filesystem(uri)
     root = root.rstrip("/")
 
@@ -139,9 +114,9 @@ def scan_layout(uri: str, manifest: dict | None = None, threads: int = 16) -> Da
         return footer, groups
 
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        scanned = list(pool.map(scan, manifest["shards"]))
+        scanned = list(pool.map(scan, manifest.shards))
     return DatasetLayout(uri=uri, row_groups=[g for _, groups in scanned for g in groups],
-                         footers={shard: footer for shard, (footer, _) in zip(manifest["shards"], scanned)})
+                         footers={shard: footer for shard, (footer, _) in zip(manifest.shards, scanned)})
 
 
 def epoch_order_signature(layout: DatasetLayout, shuffle_seed: int, window_rows: int) -> str:

@@ -12,7 +12,8 @@ import pyarrow.parquet as pq
 import torch
 
 from janus_lab.config import ExperimentConfig, TrainConfig
-from janus_lab.data.stream import STREAM_COLUMNS, read_manifest
+from janus_lab.data.schema import DatasetManifest
+from janus_lab.data.stream import STREAM_COLUMNS
 from janus_lab.model import GenerationObjective
 from janus_lab.model.builders import JanusBundle
 from janus_lab.model.sequence import PromptTooLongError, SequenceBuilder
@@ -29,10 +30,10 @@ def read_split_rows(uri: str, split: str = "val") -> list[dict]:
     Raises:
         FileNotFoundError: no `_manifest.json` at `uri`.
     """
-    manifest = read_manifest(uri)
+    manifest = DatasetManifest.read(uri)
     fs, root = pyarrow_filesystem(uri)
     rows = []
-    for name in manifest["shards"]:
+    for name in manifest.shards:
         table = pq.read_table(f"{root.rstrip('/')}/{name}", filesystem=fs, columns=STREAM_COLUMNS,
                               filters=[("split", "=", split)])
         rows += table.to_pylist()

@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING
 
 from janus_lab.cluster import forwarded_env, ray_storage
 from janus_lab.config import ExperimentConfig, flatten, to_dict
-from janus_lab.data.stream import DatasetLayout, read_manifest, scan_layout, split_size, steps_per_epoch
+from janus_lab.data.schema import DatasetManifest
+from janus_lab.data.stream import DatasetLayout, scan_layout, steps_per_epoch
 from janus_lab.patches import num_image_tokens
 from janus_lab.storage import is_s3_uri
 from janus_lab.train.loop import LoopPlan, train_loop_per_worker
@@ -52,31 +53,31 @@ def preflight(cfg: ExperimentConfig) -> tuple[dict, int, int, int]:
             tokenizer, or too little data for one optimizer step.
     """
     try:
-        manifest = read_manifest(cfg.data.uri)
-    except FileNotFoundError as error:
+        manifest = DatasetManifest.read(cfg.data.uri)
+    except (FileNotFoundError, ValueError) as error:  # missing, unfinished, or of another schema version
         raise PreflightError(f"data.uri={cfg.data.uri}: {error}") from None
     if cfg.model.weights and not is_s3_uri(cfg.model.weights) and not os.path.isdir(cfg.model.weights):
         raise PreflightError(f"model.weights={cfg.model.weights} does not exist; point it at a Hugging Face "
                              "format checkpoint folder (convert DeepSeek checkpoints with "
                              "`python -m janus_lab.model.convert`) or an s3:// prefix")
-    tokens = manifest.get("model", {}).get("num_image_tokens")
+    tokens = manifest.model.get("num_image_tokens")
     expected = num_image_tokens(cfg.model.image_size)
     if tokens is not None and int(tokens) != expected:
         raise PreflightError(f"{cfg.data.uri} was ingested with {tokens} codes per image but model.image_size="
                              f"{cfg.model.image_size} uses {expected}; re-ingest or change model.image_size")
-    ingest_cap = manifest.get("limits", {}).get("max_text_tokens", {}).get("limit")
+    ingest_cap = manifest.limits.get("max_text_tokens", {}).get("limit")
     if ingest_cap is not None and int(ingest_cap) > cfg.data.max_text_tokens:
         # The stream would stop the whole run at the first longer prompt, possibly hours in.
         raise PreflightError(f"{cfg.data.uri} holds prompts of up to {ingest_cap} tokens (its ingest's "
                              f"limits.max_text_tokens) but data.max_text_tokens={cfg.data.max_text_tokens}; "
                              f"set data.max_text_tokens={ingest_cap} or re-ingest with a lower limit")
-    encoded_by = manifest.get("model", {})
+    encoded_by = manifest.model
     if not cfg.model.weights and encoded_by.get("init_seed") is not None and int(encoded_by["init_seed"]) != cfg.train.seed:
         raise PreflightError(
             f"{cfg.data.uri} was VQ-encoded by the random-init {encoded_by.get('preset')} model with seed "
             f"{encoded_by['init_seed']}, but train.seed={cfg.train.seed} builds a different VQ tokenizer; "
             f"set train.seed={encoded_by['init_seed']} or re-ingest with init_seed={cfg.train.seed}")
-    train_rows = split_size(manifest, "train")
+    train_rows = manifest.split_rows("train")
     per_epoch = steps_per_epoch(train_rows, cfg.train.num_workers, cfg.train.micro_batch_size,
                                 cfg.train.gradient_accumulation_steps)
     if per_epoch == 0:
@@ -85,10 +86,10 @@ def preflight(cfg: ExperimentConfig) -> tuple[dict, int, int, int]:
     total = per_epoch * cfg.train.epochs
     if cfg.train.max_steps:
         total = min(total, cfg.train.max_steps)
-    return manifest, per_epoch, total, split_size(manifest, "val")
+    return manifest, per_epoch, total, manifest.split_rows("val")
 
 
-def dataset_layout(uri: str, manifest: dict) -> DatasetLayout:
+def dataset_layout(uri: str, manifest: DatasetManifest) -> DatasetLayout:
     """The dataset's row groups (what workers read), checked against its manifest's counts.
 
     Raises:
@@ -96,9 +97,9 @@ def dataset_layout(uri: str, manifest: dict) -> DatasetLayout:
     """
     layout = scan_layout(uri, manifest)
     for split in ("train", "val"):
-        if layout.rows(split) != split_size(manifest, split):
+        if layout.rows(split) != manifest.split_rows(split):
             raise PreflightError(f"{uri}: its shards hold {layout.rows(split)} {split} rows but its manifest says "
-                                 f"{split_size(manifest, split)}; the folder was changed after ingest: re-ingest it")
+                                 f"{manifest.split_rows(split)}; the folder was changed after ingest: re-ingest it")
     return layout
 
 
@@ -144,7 +145,7 @@ def run_finetune(cfg: ExperimentConfig, run: "RunLogger | None" = None, callback
     tracking_uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
     check_tracking_server(tracking_uri, error=PreflightError)
     tags = {GIT_COMMIT_TAG: git_commit(), "dataset_uri": cfg.data.uri,
-            "dataset_fingerprint": str(manifest.get("model", {}).get("fingerprint", "unknown")),
+            "dataset_fingerprint": str(manifest.model.get("fingerprint", "unknown")),
             "ray_train_run": cfg.name, RUN_DIR_TAG: run_dir}
     config_file = "config/resolved.yaml"
     previous = None
@@ -171,10 +172,9 @@ def run_finetune(cfg: ExperimentConfig, run: "RunLogger | None" = None, callback
         logger.log_params(flatten(cfg))
         logger.set_tags(tags)
     from janus_lab.config import dump_yaml
-    import json
 
     logger.log_text(dump_yaml(cfg), config_file)
-    logger.log_text(json.dumps(manifest, indent=2), "dataset/_manifest.json")
+    logger.log_text(manifest.to_json(), "dataset/_manifest.json")
     plan = LoopPlan(config=to_dict(cfg), steps_per_epoch=per_epoch, total_steps=total, val_rows=val_rows,
                     tracking_uri=tracking_uri, run_id=logger.run_id, export_uri=export_uri,
                     sample_prompts=list(DEFAULT_SAMPLE_PROMPTS), layout=layout)
