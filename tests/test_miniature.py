@@ -10,7 +10,7 @@ import torch
 from janus_lab.config import CfgSweepConfig, ConfigError, ExperimentConfig, load_config
 from janus_lab.miniature.assets import MINI_DIR, eval_pixels, load_mini_vq
 from janus_lab.miniature.score import chance_scores, copy_input_scores, read_image, score_sample, summarise
-from janus_lab.miniature.vq_train import VQTrainConfig, evaluate_psnr, patch_purity
+from janus_lab.miniature.vq_train import VQTrainConfig, evaluate_psnr, patch_purity, purity_scenes
 from janus_lab.miniature.world import (COLORS, EDIT_KINDS, Scene, Shape, WorldRecord, canonical_scene, describe,
                                        evaluation_records, held_out_canonical, is_held_out, read_targets,
                                        training_records, write_eval_requests, write_world_dataset)
@@ -128,6 +128,8 @@ def test_shipped_vq_reproduces_its_recorded_reconstruction():
     vq = load_mini_vq()
     assert vq.quantize.embedding.weight.shape == (2048, 8)
     assert evaluate_psnr(vq, eval_pixels()) == pytest.approx(record["eval_psnr_db"], abs=0.05)
+    assert patch_purity(vq, purity_scenes()) == pytest.approx(record["patch_purity"]["value"], abs=0.005)
+    assert record["patch_purity"]["value"] > 0.95  # a patch's code is (nearly) a function of the patch alone
 
 
 def test_patch_purity_reads_how_local_codes_are(monkeypatch):
