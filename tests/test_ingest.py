@@ -593,6 +593,18 @@ def test_encoder_from_weights_reads_only_the_vq_tokenizer_and_encodes_alike(tmp_
         VQEncoder({"preset": "debug", "weights": str(tmp_path / "ckpt"), "image_size": 384}, 0, 64)
 
 
+def test_mini_encoder_needs_only_the_shipped_vq_tokenizer(monkeypatch):
+    """Ingest for the miniature runs before its base model exists: only the VQ tokenizer is read."""
+    from janus_lab.miniature import assets
+
+    def no_base_model(*_):
+        raise FileNotFoundError("base.safetensors is missing")
+
+    monkeypatch.setattr(assets, "load_base", no_base_model)
+    mini = VQEncoder({"preset": "mini", "image_size": 64}, init_seed=0, max_text_tokens=64)
+    assert mini.fingerprint == VQEncoder({"preset": "mini-init", "image_size": 64}, 0, 64).fingerprint
+
+
 def test_fingerprint_follows_the_vq_weights_not_the_dtype():
     from janus_lab.model import debug
 

@@ -314,15 +314,15 @@ def _prepare_item(records: list[dict], source_uri: str, max_pixels: int, side: i
 # --------------------------------------------------------------------------- encoder actors
 
 
-def build_model(model: ModelConfig, init_seed: int):
-    """The Janus bundle whose VQ tokenizer encodes the images (the fine-tune builds the same)."""
-    from janus_lab.model.weights import build_bundle
+def _encoding_model_config(model: ModelConfig) -> ModelConfig:
+    """The model to build for its VQ tokenizer: `model`, or for the miniature without weights `mini-init`.
 
+    The shipped mini VQ tokenizer is the same with or without the base language model, and
+    encoding needs only the tokenizer: ingest works before the base model exists.
+    """
     if model.preset == "mini" and not model.weights:
-        # The shipped VQ tokenizer is the same with or without the base language model, and
-        # encoding needs only the tokenizer: ingest works before the base model exists.
-        model = dataclasses.replace(model, preset="mini-init")
-    return build_bundle(model, init_seed)
+        return dataclasses.replace(model, preset="mini-init")
+    return model
 
 
 def vq_fingerprint(model, tokenizer) -> str:
@@ -360,7 +360,7 @@ class VQEncoder:
         import torch
 
         from janus_lab.model.sequence import SequenceBuilder
-        from janus_lab.model.weights import load_vq_tokenizer
+        from janus_lab.model.weights import build_bundle, load_vq_tokenizer
 
         config = ModelConfig(**model)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -372,7 +372,7 @@ class VQEncoder:
             vq, processor, janus = load_vq_tokenizer(config.weights)
             image_size = int(janus.vision_config.image_size)
         else:
-            bundle = build_model(config, init_seed)
+            bundle = build_bundle(_encoding_model_config(config), init_seed)
             vq, processor, image_size = bundle.model.model.vqmodel, bundle.processor, bundle.image_size
             del bundle
         if image_size != config.image_size:

@@ -103,7 +103,7 @@ def janus_config(
         "image_size": image_size,
         "patch_size": PATCH_SIZE,
         "projection_dim": hidden_size,
-        "num_image_tokens": grid * grid,
+        "num_image_tokens": num_image_tokens(image_size),
     }
     vq_config = {
         "embed_dim": VQ_EMBED_DIM,
@@ -181,7 +181,7 @@ def mini(seed: int = 0, dtype: torch.dtype = torch.float32, device: str | torch.
 
     tokenizer = build_debug_tokenizer()
     special = SpecialTokenIds.from_tokenizer(tokenizer)
-    processor = build_processor(tokenizer, 64, 16)
+    processor = build_processor(tokenizer, 64, num_image_tokens(64))
     bundle = _instantiate(_mini_config(special), processor, "mini" if pretrained else "mini-init",
                           seed, torch.float32, "cpu")
     load_mini_weights(bundle.model, language_model=pretrained)
@@ -205,7 +205,7 @@ def _real_shape(preset: str, hidden: int, layers: int, heads: int, ffn: int, see
         intermediate_size=ffn, image_size=384, vision_hidden=1024, vision_layers=24,
         vision_heads=16, vq_base_channels=128, special_ids=special,
     )
-    processor = build_processor(tokenizer, 384, 576)
+    processor = build_processor(tokenizer, 384, num_image_tokens(384))
     return _instantiate(config, processor, preset, seed, dtype, device)
 
 

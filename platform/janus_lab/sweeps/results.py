@@ -90,7 +90,7 @@ class ResultsTable:
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for row in self.rows:
             cells = [str(row[p]) for p in self.params]
-            cells += [_show_spread(row, m) if self.seeds else _cell_text(row.get(m)) for m in self.metrics]
+            cells += [_spread_cell_text(row, m) if self.seeds else _cell_text(row.get(m)) for m in self.metrics]
             mark = " *" if best is not None and row is best else ""
             cells += [row["status"] + mark, row["run_id"]]
             lines.append("| " + " | ".join(cells) + " |")
@@ -174,7 +174,7 @@ def _cell_text(value: float | None) -> str:
     return "" if value is None else f"{value:.4g}"
 
 
-def _show_spread(row: dict[str, Any], metric: str) -> str:
+def _spread_cell_text(row: dict[str, Any], metric: str) -> str:
     if row.get(metric) is None:
         return ""
     spread = row.get(f"{metric}_std")
