@@ -41,7 +41,7 @@ def make_step(device: torch.device, bf16: bool, seed: int):
     def step(pixels: torch.Tensor) -> None:
         pixels = pixels.to(device, memory_format=fmt)
         with autocast:
-            recon, terms, _, _ = reconstruct(vq, pixels)
+            recon, terms, _ = reconstruct(vq, pixels)
         loss = F.mse_loss(recon.float(), pixels) + terms.float().sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -2,7 +2,6 @@
 
     python jobs/evaluate_world.py models=[mini] output_dir=outputs/world-eval
     python jobs/evaluate_world.py models=[mini,models:/janus-4o@champion] labels=[base,fine-tuned]
-    python jobs/evaluate_world.py models=[s3://janus-lab/runs/NAME/export] vq=platform/janus_lab/miniature/weights
 
 For each model: every held-out text-to-image prompt and edit (`samples` images each, fixed
 seeds), generated with the batched CFG engine and read back by `janus_lab.miniature.score`
@@ -18,7 +17,6 @@ import sys
 
 from janus_lab.config import parse_cli
 from janus_lab.generation.loading import ModelSourceError
-from janus_lab.miniature.assets import TokenizerMismatchError
 from janus_lab.miniature.evaluate import EvaluateWorldConfig, run_evaluate_world
 
 
@@ -27,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_cli(EvaluateWorldConfig, argv, description=__doc__)
     try:
         result = run_evaluate_world(cfg)
-    except (ModelSourceError, FileNotFoundError, TokenizerMismatchError) as error:
+    except (ModelSourceError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(result["table"])

@@ -162,8 +162,8 @@ def test_vq_training_takes_bf16_only_where_it_runs_fast():
         VQTrainConfig(precision="fp16")
 
 
-def test_a_decoder_only_run_keeps_every_code_and_can_replace_a_models_decoder(tmp_path):
-    from janus_lab.miniature.assets import TokenizerMismatchError, save_vq, swap_vq_decoder, train_and_save_vq
+def test_a_decoder_only_run_keeps_every_code(tmp_path):
+    from janus_lab.miniature.assets import train_and_save_vq
     from janus_lab.model.vq import encode_vq_codes
 
     with pytest.raises(ValueError, match="set init"):
@@ -175,17 +175,6 @@ def test_a_decoder_only_run_keeps_every_code_and_can_replace_a_models_decoder(tm
     assert torch.equal(encode_vq_codes(sharper, pixels), encode_vq_codes(shipped, pixels))
     changed = [k for k, v in sharper.state_dict().items() if not torch.equal(v, shipped.state_dict()[k])]
     assert changed and all(k.startswith(("decoder.", "post_quant_conv.")) for k in changed)
-
-    model_vq = load_mini_vq()
-    swap_vq_decoder(model_vq, tmp_path / "sharper")
-    codes = encode_vq_codes(sharper, pixels)
-    assert torch.equal(model_vq.decode(codes), sharper.decode(codes))
-    other = load_mini_vq()
-    with torch.no_grad():
-        other.quantize.embedding.weight[:4] = torch.randn(4, 8)
-    save_vq(other, tmp_path / "other", {})
-    with pytest.raises(TokenizerMismatchError, match="quantize.embedding.weight"):
-        swap_vq_decoder(load_mini_vq(), tmp_path / "other")
 
 
 def test_mini_init_generates_text_to_image_and_edits():

@@ -74,33 +74,6 @@ def load_mini_weights(model, folder: str | Path = MINI_DIR, language_model: bool
     model.model.vqmodel.eval().requires_grad_(False)
 
 
-class TokenizerMismatchError(ValueError):
-    """A tokenizer meant to replace a model's would give images other codes."""
-
-
-CODE_PATH = ("encoder.", "quant_conv.", "quantize.")
-"""The tensors that decide an image's codes; a decoder-only run leaves them as they were."""
-
-
-def swap_vq_decoder(vq: JanusVQVAE, folder: str | Path) -> None:
-    """Loads the tokenizer in `folder` into `vq`, a model's own copy, after checking that both
-    give every image the same codes (same encoder, quant_conv and codebook): a model trained
-    on the old codes then draws through the new decoder unchanged.
-
-    Raises:
-        TokenizerMismatchError: the tokenizers' codes differ (not a decoder-only retraining of this one).
-    """
-    new = {k: v.float() for k, v in load_file(str(Path(folder) / VQ_FILE)).items()}
-    old = vq.state_dict()
-    differ = [k for k in new if k.startswith(CODE_PATH) and not torch.allclose(new[k], old[k].float(), atol=1e-3)]
-    if differ:
-        raise TokenizerMismatchError(f"{Path(folder) / VQ_FILE} gives images other codes than this model's tokenizer "
-                         f"({len(differ)} tensors differ, e.g. {differ[0]}): only a decoder retrained with "
-                         "decoder_only=true can replace it")
-    vq.load_state_dict(new)
-    vq.eval().requires_grad_(False)
-
-
 def load_base(model, folder: str | Path = MINI_DIR) -> None:
     """Loads `base.safetensors` (everything but the VQ tokenizer) from `folder` into a mini model."""
     base_file = Path(folder) / BASE_FILE

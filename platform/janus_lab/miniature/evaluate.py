@@ -122,9 +122,6 @@ class EvaluateWorldConfig:
     """Seed of the first record's images."""
     grid_rows: int = 3
     """Records per kind (text-to-image and each edit) shown in grid.png."""
-    vq: str = ""
-    """A tokenizer folder to decode every model's codes through instead of its own: a decoder
-    retrained with `decoder_only=true` (refused when it would give images other codes)."""
 
     def __post_init__(self) -> None:
         if not self.models:
@@ -161,7 +158,6 @@ def run_evaluate_world(cfg: EvaluateWorldConfig) -> dict:
     from pathlib import Path
 
     from janus_lab.generation.loading import load_generation_model
-    from janus_lab.miniature.assets import swap_vq_decoder
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -171,8 +167,6 @@ def run_evaluate_world(cfg: EvaluateWorldConfig) -> dict:
     ceiling: dict[str, float] = {}
     for label, uri in zip(labels, cfg.models):
         bundle = load_generation_model(uri)
-        if cfg.vq:
-            swap_vq_decoder(bundle.model.model.vqmodel, cfg.vq)
         ceiling = ceiling or vq_ceiling(bundle.model.model.vqmodel, records)
         engine = GenerationEngine.from_bundle(bundle)
         results[label] = evaluate_world(engine, records, samples=cfg.samples, seed=cfg.seed,

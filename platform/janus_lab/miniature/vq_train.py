@@ -120,9 +120,8 @@ def normalised_latents(vq: JanusVQVAE, pixels: torch.Tensor) -> torch.Tensor:
 
 
 def reconstruct(vq: JanusVQVAE, pixels: torch.Tensor, quantize: bool = True
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The training forward: (reconstruction NCHW, quantisation loss terms, codes (B, N), unit
-    latents (B, N, D))."""
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The training forward: (reconstruction NCHW, quantisation loss terms, codes (B, N))."""
     z = normalised_latents(vq, pixels)
     codebook = F.normalize(vq.quantize.embedding.weight, dim=-1)
     with torch.autocast(z.device.type, enabled=False):  # the search in float32, as at inference
@@ -136,7 +135,7 @@ def reconstruct(vq: JanusVQVAE, pixels: torch.Tensor, quantize: bool = True
         zq = z
     side = int(math.isqrt(z.shape[1]))
     hidden = vq.post_quant_conv(zq.view(z.shape[0], side, side, -1).permute(0, 3, 1, 2))
-    return vq.decoder(hidden), torch.stack([codebook_loss, commitment_loss]), codes, z
+    return vq.decoder(hidden), torch.stack([codebook_loss, commitment_loss]), codes
 
 
 PATCH = 16
@@ -399,7 +398,7 @@ def train_vq(vq: JanusVQVAE, cfg: VQTrainConfig, eval_pixels: torch.Tensor,
             loss = naming + (0 if cfg.encoder_only else F.mse_loss(recon, pixels))
         else:
             with autocast:
-                recon, quant_terms, codes, _ = reconstruct(vq, pixels, quantize)
+                recon, quant_terms, codes = reconstruct(vq, pixels, quantize)
             recon, quant_terms = recon.float(), quant_terms.float()
             loss = F.mse_loss(recon, pixels)
             if not cfg.decoder_only:
