@@ -74,7 +74,7 @@ def write_synthetic_dataset(root: str | Path, num_t2i: int = 24, num_ti2i: int =
         counts[row["task"]][row["split"]] += 1
     DatasetManifest(source={"format": "synthetic", "path": None},
                     model={"preset": "debug", "image_size": image_side, "num_image_tokens": num_image_tokens,
-                           "fingerprint": "synthetic"},
+                           "fingerprint": None},  # patterns, not a tokenizer's codes: nothing to check
                     counts=counts, rows=total, shards=shards, rejects=0, val_fraction=None, seed=seed,
                     val_count=num_val).write(str(root))
     return root

@@ -178,6 +178,35 @@ def test_preflight_refuses_a_dataset_encoded_by_another_random_vq(dataset, tmp_p
         preflight(cfg)
 
 
+def test_a_model_checks_the_dataset_was_encoded_by_its_own_tokenizer():
+    from janus_lab.data.ingest import vq_fingerprint
+    from janus_lab.model.weights import build_bundle
+    from janus_lab.train.loop import DatasetTokenizerMismatch, check_dataset_tokenizer
+
+    own = build_bundle(load_config(ExperimentConfig, "jobs/configs/debug.yaml", []).model, init_seed=0)
+    other = build_bundle(load_config(ExperimentConfig, "jobs/configs/debug.yaml", []).model, init_seed=1)
+    check_dataset_tokenizer(own, vq_fingerprint(own.model, own.processor.tokenizer), "s3://b/d")
+    check_dataset_tokenizer(own, None, "s3://b/d")  # codes no tokenizer made (synthetic patterns)
+    with pytest.raises(DatasetTokenizerMismatch, match="s3://b/d was encoded by a VQ tokenizer .* Re-ingest"):
+        check_dataset_tokenizer(own, vq_fingerprint(other.model, other.processor.tokenizer), "s3://b/d")
+
+
+def test_a_job_on_a_dataset_of_another_tokenizer_fails_before_training(ray_cluster, dataset, tmp_path):
+    """The stale-dataset case: same preset and seed, but the tokenizer's weights changed since
+    ingest (a retrained tokenizer shipped under the same name). The job stops at the check."""
+    import json
+    import shutil
+
+    copy = tmp_path / "stale"
+    shutil.copytree(dataset, copy)
+    manifest = json.loads((copy / "_manifest.json").read_text())
+    manifest["model"]["fingerprint"] = "0" * 64
+    (copy / "_manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(Exception, match="encoded by a VQ tokenizer with fingerprint 000000000000"):
+        run_finetune(config(copy, tmp_path, "stale"))
+    assert not (tmp_path / "runs" / "stale" / "export").exists()
+
+
 def test_preflight_refuses_a_prompt_cap_below_the_datasets(dataset, tmp_path):
     import json
     import shutil

@@ -89,8 +89,10 @@ def test_config_file_is_a_valid_serve_config_whose_args_and_user_config_parse(mo
 def test_args_name_a_misspelt_key_and_read_the_sweep_defaults_file(tmp_path):
     with pytest.raises(ConfigError, match="limits.max_m.*max_n"):
         ServeArgs.parse({"limits": {"max_m": 3}})
-    with pytest.raises(ConfigError, match="device must be auto, cpu or cuda"):
+    with pytest.raises(ConfigError, match="device: expected one of 'auto', 'cpu', 'cuda', got str 'tpu'"):
         ServeArgs.parse({"device": "tpu"})
+    with pytest.raises(ConfigError, match="dtype: expected one of 'auto', 'float32', 'bfloat16', got str 'float16'"):
+        ServeArgs.parse({"dtype": "float16"})
     best = tmp_path / "best.yaml"
     best.write_text("cfg_weight: 3.5\ncfg_weight2: 1.5\ntemperature: 0.8\n")
     parsed = ServeArgs.parse({"defaults_file": str(best)})

@@ -70,13 +70,33 @@ def test_dotted_overrides_reach_into_grid_and_overrides():
     assert cfg.grid == {"masking.t2i_text_drop": [0.0, 0.25], "masking.ti2i_image_drop": [0.25]}
 
 
-def test_sampling_keys_are_generation_request_fields():
+def test_every_sampling_consumer_takes_the_one_declaration():
+    """Requests, offline generation, both evaluations, the server's defaults and the engine's
+    per-image settings share SamplingSettings' fields and defaults; the model sources share
+    ModelSource's choices (the server once allowed float16 where nothing else did)."""
     import dataclasses
 
-    from janus_lab.config import SAMPLING_KEYS
+    from janus_lab.evaluation.evaluate import EvaluateConfig
     from janus_lab.generation import GenerationRequest
+    from janus_lab.generation.offline import GenerateConfig
+    from janus_lab.generation.sampling import ImageSampling
+    from janus_lab.miniature.evaluate import EvaluateWorldConfig
+    from janus_lab.serving.settings import ServeArgs
+    from janus_lab.settings import ModelSource, SamplingSettings, SettingError
 
-    assert set(SAMPLING_KEYS) <= {f.name for f in dataclasses.fields(GenerationRequest)}
+    defaults = {f.name: f.default for f in dataclasses.fields(SamplingSettings)}
+    assert set(defaults) == set(SamplingSettings.keys()) == {"cfg_weight", "cfg_weight2", "temperature", "top_k", "top_p"}
+    for consumer in (GenerationRequest, GenerateConfig, ImageSampling, EvaluateWorldConfig):
+        fields = {f.name: f.default for f in dataclasses.fields(consumer)}
+        assert {k: fields[k] for k in defaults} == defaults, consumer
+    assert ServeArgs().defaults == SamplingSettings()
+    for source in (GenerateConfig, EvaluateConfig, ServeArgs):
+        assert issubclass(source, ModelSource)
+        assert [f.type for f in dataclasses.fields(source) if f.name == "dtype"] == ["Dtype"]
+    with pytest.raises(SettingError, match="dtype must be one of auto, float32, bfloat16, got 'float16'"):
+        ServeArgs(dtype="float16")
+    with pytest.raises(SettingError, match="top_p must be in"):
+        SamplingSettings(top_p=1.5)
 
 
 def test_cli_reports_a_misspelt_grid_key_before_anything_runs():
@@ -175,9 +195,9 @@ def test_best_settings_yaml_is_what_the_server_reads(tmp_path):
     assert "RANDOM TEST CLIP" in text and "models:/janus-4o/3" in text
     path = tmp_path / "best.yaml"
     path.write_text(text)
-    from janus_lab.serving.settings import SamplingDefaults
+    from janus_lab.settings import SamplingSettings
 
-    loaded = load_config(SamplingDefaults, path)
+    loaded = load_config(SamplingSettings, path)
     assert (loaded.cfg_weight, loaded.cfg_weight2, loaded.temperature) == (5.0, 1.0, 1.0)
 
 

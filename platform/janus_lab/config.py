@@ -32,6 +32,8 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 
 import yaml
 
+from janus_lab.settings import SamplingSettings
+
 T = TypeVar("T")
 
 
@@ -366,8 +368,6 @@ DEFAULT_CFG_GRID = {"cfg_weight": [1.0, 3.0, 5.0, 7.0], "cfg_weight2": [1.0, 3.0
 WORLD_SWEEP_METRICS = ("world_t2i", "world_edit", "world_following", "world_preservation", "world_compose",
                        "world_mean")
 """What a CFG sweep with `scorer: world` reports (`world_mean` averages text-to-image and edit)."""
-SAMPLING_KEYS = ("cfg_weight", "cfg_weight2", "temperature", "top_k", "top_p")
-"""Generation request fields a CFG sweep may search over (and its best-settings YAML holds)."""
 
 
 def _check_grid(grid: Mapping[str, Any], check_key: Callable[[str], None]) -> None:
@@ -497,9 +497,10 @@ class CfgSweepConfig:
 
 
 def _check_sampling_key(key: str) -> None:
-    if key not in SAMPLING_KEYS:
-        close = difflib.get_close_matches(key, SAMPLING_KEYS, n=1)
-        hint = f"did you mean '{close[0]}'?" if close else f"valid keys: {', '.join(SAMPLING_KEYS)}"
+    keys = SamplingSettings.keys()
+    if key not in keys:
+        close = difflib.get_close_matches(key, keys, n=1)
+        hint = f"did you mean '{close[0]}'?" if close else f"valid keys: {', '.join(keys)}"
         raise ConfigError(f"unknown key '{key}' in grid (a CFG sweep searches sampling settings); {hint}")
 
 

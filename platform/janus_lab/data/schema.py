@@ -140,7 +140,8 @@ class DatasetManifest:
     """`{"format": ..., "path": ...}` of the raw dataset."""
     model: dict
     """`{"preset", "weights", "init_seed", "image_size", "num_image_tokens", "fingerprint"}`; the
-    fingerprint is `vq_fingerprint` of the VQ tokenizer and text tokenizer that made the codes."""
+    fingerprint is `vq_fingerprint` of the VQ tokenizer and text tokenizer that made the codes
+    (fine-tuning refuses a model whose tokenizers differ); None for codes no tokenizer made."""
     counts: dict[str, dict[str, int]]
     """Rows per task and split: `{"t2i": {"train": n, "val": m}, "ti2i": {...}}`."""
     rows: int

@@ -17,15 +17,15 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from janus_lab.config import SAMPLING_KEYS, load_config
+from janus_lab.config import load_config
+from janus_lab.settings import ModelSource, SamplingSettings
 
 
 @dataclasses.dataclass
-class EvaluateConfig:
-    """One evaluation of a checkpoint; every part is optional, at least one is needed."""
+class EvaluateConfig(ModelSource):
+    """One evaluation of a checkpoint (`ModelSource`: model, device, dtype, compile); every part
+    is optional, at least one is needed."""
 
-    model: str
-    """Checkpoint folder, `s3://` prefix, `models:/name@alias`, or `debug`."""
     data_uri: str | None = None
     """Ingested dataset (local or `s3://`) whose val split gives held-out NLL and accuracy."""
     prompts: str | None = None
@@ -56,14 +56,9 @@ class EvaluateConfig:
     """Samples per forward pass of the held-out NLL."""
     max_text_tokens: int = 256
     """Longest prompt in tokens; a longer held-out row or prompt is refused alone, with its reason."""
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    """Where to run; auto = cuda when available."""
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    """Weights dtype; auto = bfloat16 on cuda, float32 on cpu."""
 
     def __post_init__(self) -> None:
-        if not self.model:
-            raise ValueError("model must name a checkpoint folder, s3:// prefix, models:/name@alias or debug")
+        super().__post_init__()
         if not any((self.data_uri, self.prompts, self.geneval, self.dpg, self.imgedit)):
             raise ValueError("nothing to evaluate: give data_uri, prompts, geneval, dpg or imgedit")
         if self.prompts and not self.clip_model:
@@ -91,10 +86,7 @@ class EvaluateSummary:
 
 def sampling_settings(path: str | None) -> dict:
     """The settings file's sampling fields (all of them, defaults filled in); read as the server reads it."""
-    from janus_lab.serving.settings import SamplingDefaults
-
-    loaded = load_config(SamplingDefaults, path) if path else SamplingDefaults()
-    return {key: getattr(loaded, key) for key in SAMPLING_KEYS}
+    return (load_config(SamplingSettings, path) if path else SamplingSettings()).sampling_dict()
 
 
 def run_evaluate(cfg: EvaluateConfig) -> EvaluateSummary:
@@ -126,7 +118,8 @@ def run_evaluate(cfg: EvaluateConfig) -> EvaluateSummary:
     limits = GenerationLimits(max_text_tokens=cfg.max_text_tokens,
                               max_parallel_size=max(cfg.parallel_size, cfg.geneval_images, 4),
                               max_batch_images=max(cfg.batch_images, cfg.parallel_size, cfg.geneval_images, 4))
-    engine = GenerationEngine.from_bundle(bundle, limits=limits)
+    engine = GenerationEngine.from_bundle(bundle, limits=limits, static_cache=cfg.compile or None,
+                                          compile_step=cfg.compile)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     scores, exports, clip_label, refused = {}, {}, None, {}

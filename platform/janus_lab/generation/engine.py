@@ -265,10 +265,7 @@ class GenerationEngine:
                 cond_rows.append(rows[0])
                 uncond_rows.append(rows[-1])
                 part_rows.append(rows[1] if k else -1)
-                images.append(ImageSampling(
-                    cfg_weight=float(request.cfg_weight), cfg_weight2=float(request.cfg_weight2),
-                    temperature=float(request.temperature), top_k=request.top_k,
-                    top_p=None if request.top_p is None else float(request.top_p), seed=item.seed, index=j))
+                images.append(ImageSampling(**request.sampling_dict(), seed=item.seed, index=j))
 
         length = max(len(s) for s in distinct)
         ids = torch.full((len(distinct), length), pad, dtype=torch.long)

@@ -17,7 +17,7 @@ import io
 import json
 import sys
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Sequence
 
 import torch
 from PIL import Image
@@ -32,16 +32,16 @@ from janus_lab.generation.requests import (
     GenerationResult,
     check_sampling,
 )
+from janus_lab.settings import ModelSource, SamplingSettings
 
 SHEET_GAP = 4
 
 
 @dataclasses.dataclass
-class GenerateConfig:
-    """One offline generation run: which model, which requests, how to sample, where to write."""
+class GenerateConfig(ModelSource, SamplingSettings):
+    """One offline generation run: which model (`ModelSource`), which requests, how to sample
+    (`SamplingSettings`), where to write."""
 
-    model: str
-    """Checkpoint folder, `s3://` prefix, `models:/name@alias` (MLflow registry), or `debug`."""
     requests: str | None = None
     """JSONL file of requests (one JSON object per line); or give `prompt` instead."""
     prompt: str | None = None
@@ -52,32 +52,16 @@ class GenerateConfig:
     """Folder for the PNGs, contact_sheet.png and results.jsonl."""
     parallel_size: int = 4
     """Images per request (a JSONL line may set its own)."""
-    cfg_weight: float = 5.0
-    """Guidance weight w: u + w * (c - u)."""
-    cfg_weight2: float = 5.0
-    """Editing: weight of the partial (SigLIP-only) branch."""
-    temperature: float = 1.0
-    """Sampling temperature; 0 = greedy."""
-    top_k: int | None = None
-    """Sample among the k most likely codes; None: all."""
-    top_p: float | None = None
-    """Nucleus sampling mass; None: all."""
     seed: int = 0
     """Seed of the first request; request i without its own seed uses seed + i."""
     batch_images: int = 16
     """Images generated together in one engine batch."""
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    """Where to run; auto = cuda when available."""
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    """Weights and compute dtype; auto = bfloat16 on cuda, float32 on cpu."""
-    compile: bool = False
-    """CUDA only: static KV cache + torch.compile (CUDA graphs) for the per-token step."""
     sheet_rows: int = 32
     """Requests shown on the contact sheet (the first ones)."""
 
     def __post_init__(self) -> None:
-        if not self.model:
-            raise ValueError("model must name a checkpoint folder, s3:// prefix, models:/name@alias or debug")
+        ModelSource.__post_init__(self)
+        SamplingSettings.__post_init__(self)
         if (self.requests is None) == (self.prompt is None):
             raise ValueError("requests (a JSONL file) or prompt must be given, and not both")
         if self.input_images and self.prompt is None:
@@ -99,8 +83,7 @@ class GenerateConfig:
 
     def sampling_settings(self) -> dict:
         """The request fields this run sets for every request that does not set its own."""
-        return {name: getattr(self, name) for name in
-                ("parallel_size", "cfg_weight", "cfg_weight2", "temperature", "top_k", "top_p")}
+        return {"parallel_size": self.parallel_size, **self.sampling_dict()}
 
 
 @dataclasses.dataclass

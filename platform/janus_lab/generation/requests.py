@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import math
 import secrets
 import warnings
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ import torch
 from PIL import Image
 
 from janus_lab.model.sequence import PromptTooLongError, SequenceBuilder
+from janus_lab.settings import SamplingSettings, SettingError
 
 SEED_LIMIT = 2**63
 """Seeds are non-negative and below this (torch generators take 64-bit seeds)."""
@@ -67,8 +67,9 @@ class GenerationLimits:
 
 
 @dataclass
-class GenerationRequest:
-    """One prompt (plus input images for editing) and how to sample from it.
+class GenerationRequest(SamplingSettings):
+    """One prompt (plus input images for editing) and how to sample from it (the fields of
+    `SamplingSettings`: cfg_weight, cfg_weight2, temperature, top_k, top_p).
 
     Without input images the request is text-to-image; with K >= 1 it is editing
     (text-and-image-to-image), and the images come before the prompt in the sequence. How the
@@ -81,18 +82,13 @@ class GenerationRequest:
     """Editing inputs: PIL images or encoded image bytes (PNG, JPEG, ...); empty for text-to-image."""
     parallel_size: int = 1
     """Images generated for this prompt."""
-    cfg_weight: float = 5.0
-    """Guidance weight w: logits = u + w * (c - u)."""
-    cfg_weight2: float = 5.0
-    """Editing only: weight of the partial (SigLIP-only) branch, c = (full + w2 * part) / (1 + w2)."""
-    temperature: float = 1.0
-    """Softmax temperature; 0 means greedy (argmax)."""
-    top_k: int | None = None
-    """Sample among the k most likely codes only; None: no limit."""
-    top_p: float | None = None
-    """Sample from the smallest set of codes holding this much probability; None: no limit."""
     seed: int | None = None
     """Fixes the result whatever else shares the batch; None: a random seed, returned with the result."""
+
+    def __post_init__(self) -> None:
+        # Built from whatever a client sent: `validate_request` checks it and answers with the
+        # field's name, so construction accepts anything.
+        pass
 
     @property
     def task(self) -> str:
@@ -197,14 +193,6 @@ def _check_int(value: Any, name: str, minimum: int, maximum: int | None = None) 
         raise GenerationRequestError(name, f"must be <= {maximum} (the configured limit), got {value}")
 
 
-def _check_float(value: Any, name: str) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise GenerationRequestError(name, f"must be a number, got {value!r}")
-    if not math.isfinite(value):
-        raise GenerationRequestError(name, f"must be finite, got {value}")
-    return float(value)
-
-
 def check_sampling(request: GenerationRequest, limits: GenerationLimits) -> None:
     """Checks every numeric field of a request (no tokenizer, no images needed).
 
@@ -212,17 +200,10 @@ def check_sampling(request: GenerationRequest, limits: GenerationLimits) -> None
         GenerationRequestError: naming the first bad field.
     """
     _check_int(request.parallel_size, "parallel_size", 1, limits.max_parallel_size)
-    for name in ("cfg_weight", "cfg_weight2"):
-        if _check_float(getattr(request, name), name) < 0:
-            raise GenerationRequestError(name, f"must be >= 0, got {getattr(request, name)}")
-    if _check_float(request.temperature, "temperature") < 0:
-        raise GenerationRequestError("temperature", f"must be >= 0 (0 = greedy), got {request.temperature}")
-    if request.top_k is not None:
-        _check_int(request.top_k, "top_k", 1)
-    if request.top_p is not None:
-        top_p = _check_float(request.top_p, "top_p")
-        if not 0 < top_p <= 1:
-            raise GenerationRequestError("top_p", f"must be in (0, 1], got {request.top_p}")
+    try:
+        request.check_sampling()
+    except SettingError as err:
+        raise GenerationRequestError(err.field, err.reason) from None
     if request.seed is not None:
         _check_int(request.seed, "seed", 0, SEED_LIMIT - 1)
 

@@ -19,6 +19,8 @@ from typing import Sequence
 
 import torch
 
+from janus_lab.settings import SamplingSettings
+
 
 def image_seed(seed: int, index: int) -> int:
     """The generator seed of image `index` of a request seeded with `seed`.
@@ -117,14 +119,9 @@ def sample_from_logits(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Te
 
 
 @dataclass
-class ImageSampling:
-    """How one image picks its codes: guidance weights, sampling settings and its randomness."""
+class ImageSampling(SamplingSettings):
+    """How one image picks its codes: its request's sampling settings and its randomness."""
 
-    cfg_weight: float
-    cfg_weight2: float
-    temperature: float
-    top_k: int | None
-    top_p: float | None
     seed: int
     index: int
     """Which image of its request (selects its random stream)."""

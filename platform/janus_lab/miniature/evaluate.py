@@ -16,6 +16,7 @@ from PIL import Image, ImageDraw
 from janus_lab.generation import GenerationEngine, GenerationRequest
 from janus_lab.miniature.score import SampleScore, chance_scores, copy_input_scores, score_sample, summarise
 from janus_lab.miniature.world import SIDE, WorldRecord, evaluation_records
+from janus_lab.settings import SamplingSettings
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +102,9 @@ def comparison_grid(records: list[WorldRecord], columns: dict[str, list[Image.Im
 
 
 @dataclass
-class EvaluateWorldConfig:
-    """`jobs/evaluate_world.py`: held-out scores of one or more models on the miniature world."""
+class EvaluateWorldConfig(SamplingSettings):
+    """`jobs/evaluate_world.py`: held-out scores of one or more models on the miniature world,
+    every model sampled with the same `SamplingSettings`."""
 
     models: list[str] = field(default_factory=lambda: ["mini"])
     """Models to score side by side: `mini`, a checkpoint folder, `s3://` prefix or `models:/name@alias`."""
@@ -112,18 +114,13 @@ class EvaluateWorldConfig:
     """Where scores.json, scores.md and grid.png go."""
     samples: int = 2
     """Images per held-out record."""
-    cfg_weight: float = 5.0
-    """Guidance weight w."""
-    cfg_weight2: float = 5.0
-    """Editing: weight of the partial branch."""
-    temperature: float = 1.0
-    """Sampling temperature; 0 = greedy."""
     seed: int = 0
     """Seed of the first record's images."""
     grid_rows: int = 3
     """Records per kind (text-to-image and each edit) shown in grid.png."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not self.models:
             raise ValueError("models must name at least one model")
         if self.labels and len(self.labels) != len(self.models):
@@ -169,18 +166,15 @@ def run_evaluate_world(cfg: EvaluateWorldConfig) -> dict:
         bundle = load_generation_model(uri)
         ceiling = ceiling or vq_ceiling(bundle.model.model.vqmodel, records)
         engine = GenerationEngine.from_bundle(bundle)
-        results[label] = evaluate_world(engine, records, samples=cfg.samples, seed=cfg.seed,
-                                        cfg_weight=cfg.cfg_weight, cfg_weight2=cfg.cfg_weight2,
-                                        temperature=cfg.temperature)
+        results[label] = evaluate_world(engine, records, samples=cfg.samples, seed=cfg.seed, **cfg.sampling_dict())
         log.info("%s: %s", label, json.dumps({k: round(v, 3) for k, v in results[label].summary.items()}))
     first = next(iter(results.values()))
     samples = {key: _count(first.samples, key) for key in first.summary}
     table = scores_table({k: v.summary for k, v in results.items()}, first.chance, first.copy_input, samples, ceiling)
     (out / "scores.md").write_text(table)
     (out / "scores.json").write_text(json.dumps(
-        {"models": dict(zip(labels, cfg.models)), "settings": {"samples": cfg.samples, "cfg_weight": cfg.cfg_weight,
-                                                                "cfg_weight2": cfg.cfg_weight2,
-                                                                "temperature": cfg.temperature, "seed": cfg.seed},
+        {"models": dict(zip(labels, cfg.models)),
+         "settings": {"samples": cfg.samples, **cfg.sampling_dict(), "seed": cfg.seed},
          "scores": {k: v.summary for k, v in results.items()}, "chance": first.chance,
          "copy_input": first.copy_input, "target_via_vq": ceiling, "samples": samples}, indent=2) + "\n")
     shown = _grid_rows(records, cfg.grid_rows)

@@ -10,7 +10,7 @@ from ray.serve import Application
 from janus_lab.serving.access import ApiLimiter
 from janus_lab.serving.api import ImageApi
 from janus_lab.serving.model import ImageModel
-from janus_lab.serving.settings import AccessConfig, ModelUserConfig, SamplingDefaults, ServeArgs, ServeLimits
+from janus_lab.serving.settings import AccessConfig, ModelUserConfig, ServeArgs, ServeLimits
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:
@@ -26,5 +26,5 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     return ImageApi.bind(ImageModel.bind(args), args, ApiLimiter.bind(args))
 
 
-__all__ = ["build_app", "AccessConfig", "ApiLimiter", "ImageApi", "ImageModel", "ModelUserConfig", "SamplingDefaults",
+__all__ = ["build_app", "AccessConfig", "ApiLimiter", "ImageApi", "ImageModel", "ModelUserConfig",
            "ServeArgs", "ServeLimits"]

@@ -14,25 +14,7 @@ from typing import Any, Mapping
 
 from janus_lab.config import ConfigError, _check_non_negative, _check_positive, from_dict, load_config
 from janus_lab.generation import GenerationLimits
-
-
-@dataclass
-class SamplingDefaults:
-    """Sampling settings for the fields a request leaves out (`sweeps/cfg_sweep.py` writes these)."""
-
-    cfg_weight: float = 5.0
-    """Guidance weight w (docs/design.md, "Classifier-free guidance")."""
-    cfg_weight2: float = 5.0
-    """Editing: weight of the partial (image-only) branch."""
-    temperature: float = 1.0
-    """Softmax temperature; 0 is greedy."""
-    top_k: int | None = None
-    """Sample among the k most likely codes; null: no limit."""
-    top_p: float | None = None
-    """Nucleus mass; null: no limit."""
-
-    def __post_init__(self) -> None:
-        _check_non_negative(self, "cfg_weight", "cfg_weight2", "temperature")
+from janus_lab.settings import ModelSource, SamplingSettings
 
 
 @dataclass
@@ -99,34 +81,24 @@ class AccessConfig:
 
 
 @dataclass
-class ServeArgs:
-    """The application's `args` in serve/config.yaml."""
+class ServeArgs(ModelSource):
+    """The application's `args` in serve/config.yaml: the model (`ModelSource`: model, device,
+    dtype, compile), request defaults and limits, access."""
 
     model: str = "models:/janus-4o@champion"
     """What to serve: models:/name@alias (followed when the alias moves), models:/name/version,
-    a checkpoint folder, an s3:// prefix, or `debug` (tiny random model, smoke tests only)."""
-    device: str = "auto"
-    """cuda, cpu, or auto (cuda when the replica has a GPU)."""
-    dtype: str = "auto"
-    """float32, bfloat16, or auto (bfloat16 on cuda, float32 on cpu)."""
-    compile: bool = False
-    """Compile the per-token step with CUDA graphs (cuda only; the first batch of each shape is slow)."""
-    defaults: SamplingDefaults = field(default_factory=SamplingDefaults)
+    a checkpoint folder, an s3:// prefix, `mini`, or `debug` (tiny random model, smoke tests only)."""
+    defaults: SamplingSettings = field(default_factory=SamplingSettings)
     """Sampling defaults for fields a request leaves out."""
     defaults_file: str | None = None
-    """A YAML of SamplingDefaults fields (the CFG sweep's best setting); overrides `defaults`."""
+    """A YAML of SamplingSettings fields (the CFG sweep's best setting); overrides `defaults`."""
     limits: ServeLimits = field(default_factory=ServeLimits)
     """Request limits."""
     access: AccessConfig = field(default_factory=AccessConfig)
     """API keys and per-key rate limits."""
 
     def __post_init__(self) -> None:
-        if not self.model.strip():
-            raise ValueError("model must name a model: models:/name@alias, a path or an s3:// prefix")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        super().__post_init__()
         if 0 < self.access.images_per_minute < self.limits.max_n:
             raise ValueError(f"access.images_per_minute ({self.access.images_per_minute}) must be 0 or at "
                              f"least limits.max_n ({self.limits.max_n}), or a request of n images never passes")
@@ -151,7 +123,7 @@ class ServeArgs:
         parsed = from_dict(cls, args)
         if parsed.defaults_file:
             try:
-                parsed.defaults = load_config(SamplingDefaults, parsed.defaults_file)
+                parsed.defaults = load_config(SamplingSettings, parsed.defaults_file)
             except ConfigError as err:
                 raise ConfigError(f"defaults_file {parsed.defaults_file}: {err}") from None
         return parsed

@@ -177,7 +177,8 @@ def run_finetune(cfg: ExperimentConfig, run: "RunLogger | None" = None, callback
     logger.log_text(manifest.to_json(), "dataset/_manifest.json")
     plan = LoopPlan(config=to_dict(cfg), steps_per_epoch=per_epoch, total_steps=total, val_rows=val_rows,
                     tracking_uri=tracking_uri, run_id=logger.run_id, export_uri=export_uri,
-                    sample_prompts=list(DEFAULT_SAMPLE_PROMPTS), layout=layout)
+                    sample_prompts=list(DEFAULT_SAMPLE_PROMPTS), layout=layout,
+                    dataset_fingerprint=manifest.model.get("fingerprint"))
     # No Ray Datasets: each worker reads its own part of every epoch (`janus_lab.data.stream`).
     trainer = TorchTrainer(
         train_loop_per_worker,

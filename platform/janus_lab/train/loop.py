@@ -30,6 +30,26 @@ from janus_lab.train.state import TrainState, data_geometry
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
+class DatasetTokenizerMismatch(ValueError):
+    """The dataset's codes were made by another VQ tokenizer (or text tokenizer) than the model's."""
+
+
+def check_dataset_tokenizer(bundle: JanusBundle, expected: str | None, uri: str) -> None:
+    """Refuses to train on codes another tokenizer made: the loss would fall on wrong targets
+    without any other sign. Checked on the workers, which build the model anyway; the driver
+    would have to load the tokenizer (for 7B, download the checkpoint) just for this."""
+    from janus_lab.data.ingest import vq_fingerprint
+
+    if not expected:
+        return
+    found = vq_fingerprint(bundle.model, bundle.processor.tokenizer)
+    if found != expected:
+        raise DatasetTokenizerMismatch(
+            f"{uri} was encoded by a VQ tokenizer with fingerprint {expected[:12]}, but this model's is "
+            f"{found[:12]}: its codes would be wrong targets. Re-ingest it with this model "
+            "(`python jobs/ingest.py model.preset=... / model.weights=...`) or train the model that encoded it")
+
+
 @dataclass
 class LoopPlan:
     """What the driver works out before any worker starts (it has the manifest)."""
@@ -52,6 +72,8 @@ class LoopPlan:
     """Fixed prompts for the sample grid at each validation."""
     layout: DatasetLayout | None = None
     """The dataset's row groups and footers (`scan_layout`): what each worker reads its part from."""
+    dataset_fingerprint: str | None = None
+    """`vq_fingerprint` of the tokenizers that encoded the dataset (its manifest); None: not recorded."""
 
     def to_dict(self) -> dict:
         # Shallow: the layout travels as itself (Ray pickles it), footers included.
@@ -114,6 +136,7 @@ def train_loop_per_worker(plan_dict: dict) -> None:
     torch.manual_seed(cfg.train.seed)
 
     bundle = build_bundle(cfg.model, init_seed=cfg.train.seed)
+    check_dataset_tokenizer(bundle, plan.dataset_fingerprint, cfg.data.uri)
     objective = prepare_for_training(bundle.model, device, freeze_vision=cfg.model.freeze_vision,
                                      activation_checkpointing=cfg.train.activation_checkpointing)
     num_params = trainable_parameters(objective)
