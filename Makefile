@@ -36,7 +36,7 @@ $(PY):
 	$(MAKE) venv
 
 # --- local stack ---
-# SeaweedFS S3 + MLflow + Ray head; data, logs and PID files under run/stack/ (janus_lab/stack.py).
+# SeaweedFS S3 + MLflow + Ray head; data, logs and PID files under run/stack/ (janus_lab/stack/).
 # Ports come from JANUS_* variables (python -m janus_lab.stack --help lists them), e.g.
 #   JANUS_S3_PORT=9000 make up
 # STACK_ARGS passes options through, e.g. `make up STACK_ARGS=--no-ray`.

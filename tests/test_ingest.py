@@ -1,18 +1,13 @@
-"""Ingest: reading sources, checking records, preparing images, encoding, writing, and the whole
-job on Ray Data against the local S3 server."""
+"""Ingest, piece by piece: reading sources, checking records, preparing images, encoding and
+writing (no cluster; the whole job on Ray and S3 is tests/test_ingest_job.py)."""
 
 from __future__ import annotations
 
 import io
 import json
-import os
-import signal
-import struct
 import subprocess
 import sys
 import time
-import uuid
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -25,14 +20,11 @@ from janus_lab.config import IngestConfig, load_config
 from janus_lab.data import (
     MANIFEST_NAME,
     IngestError,
-    REJECTS_NAME,
     SHARD_SCHEMA,
     DatasetManifest,
     OutputExistsError,
     SourceError,
     read_records,
-    read_rejects,
-    read_shards,
     run_ingest,
     split_of,
     write_sample_dataset,
@@ -58,116 +50,10 @@ from janus_lab.data.sources import (
     list_source_files,
     resolve_image_path,
 )
-from janus_lab.storage import pyarrow_filesystem, upload_folder
+from bad_sources import BAD_SOURCE_GOOD, bomb_png, half, janus_square, png_bytes, scene, write_bad_source
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_YAML = REPO / "jobs" / "configs" / "ingest_sample.yaml"
-
-
-# --------------------------------------------------------------------------- fixtures of bad data
-
-
-def png_bytes(image: Image.Image, fmt: str = "PNG") -> bytes:
-    out = io.BytesIO()
-    image.save(out, format=fmt)
-    return out.getvalue()
-
-
-def half(data: bytes) -> bytes:
-    return data[:len(data) // 2]
-
-
-def bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:
-    """A tiny PNG whose header claims `width` x `height` (its pixel data is for 1x1)."""
-    data = bytearray(png_bytes(Image.new("RGB", (1, 1), "red")))
-    ihdr = 8 + 8  # signature, then length + b"IHDR"
-    data[ihdr:ihdr + 8] = struct.pack(">II", width, height)
-    data[ihdr + 13:ihdr + 17] = struct.pack(">I", zlib.crc32(bytes(data[ihdr - 4:ihdr + 13])))
-    return bytes(data)
-
-
-def scene(color: str = "red", size: tuple[int, int] = (96, 80), mode: str = "RGB") -> Image.Image:
-    image = Image.new("RGB", size, color)
-    image.paste((0, 0, 255), (size[0] // 4, size[1] // 4, size[0] // 2, size[1] // 2))
-    return image if mode == "RGB" else image.convert(mode)
-
-
-def write_bad_source(root: Path) -> dict[tuple[str, int], str]:
-    """A ShareGPT-4o-Image folder where most records are broken in one way each.
-
-    Returns:
-        `(source_file, record_index) -> reject category` of every record that must be rejected;
-        the others must be ingested.
-    """
-    root.mkdir(parents=True)
-    (root.parent / "outside.png").write_bytes(png_bytes(scene()))  # exists, must never be read
-    image_dir = root / "image"
-    image_dir.mkdir()
-    files = {
-        "rgba.png": png_bytes(Image.new("RGBA", (64, 48), (255, 0, 0, 0))),
-        "palette.png": png_bytes(scene("green", mode="P")),
-        "grey.png": png_bytes(scene("white", mode="L")),
-        "blank_prompt.png": png_bytes(scene("white")),
-        "long_prompt.png": png_bytes(scene("white")),
-        "edit_out_2.png": png_bytes(scene("white")),
-        "edit_out_4.png": png_bytes(scene("white")),
-        "cmyk.jpg": png_bytes(scene("yellow", mode="CMYK"), "JPEG"),
-        "truncated.png": half(png_bytes(scene())),
-        "garbage.png": b"this is not an image at all",
-        "bomb.png": bomb_png(),
-        "too_big.png": png_bytes(Image.new("RGB", (400, 400), "gray")),  # valid, over the test limit
-        "edit_input.png": png_bytes(scene("blue")),
-        "edit_truncated.png": half(png_bytes(scene("blue"))),
-    }
-    for name, data in files.items():
-        (image_dir / name).write_bytes(data)
-    write_tar(root / "text_to_image_part_1.tar", [("image/tar_good.png", png_bytes(scene("purple"))),
-                                                  ("image/tar_input.png", png_bytes(scene("orange")))])
-    long_prompt = " ".join(["a red circle next to a blue square"] * 40)
-    t2i = [
-        {"input_prompt": "a good one from a tar", "output_image": "image/tar_good.png"},  # 0 ok
-        {"input_prompt": "transparent red, on white", "output_image": "image/rgba.png"},  # 1 ok
-        {"input_prompt": "a palette image", "output_image": "image/palette.png"},  # 2 ok
-        {"input_prompt": "missing", "output_image": "image/nowhere.png"},  # 3
-        {"input_prompt": "truncated", "output_image": "image/truncated.png"},  # 4
-        {"input_prompt": "garbage", "output_image": "image/garbage.png"},  # 5
-        {"input_prompt": "escape", "output_image": "../outside.png"},  # 6
-        {"input_prompt": "absolute", "output_image": "/etc/hostname"},  # 7
-        {"input_prompt": "bomb", "output_image": "image/bomb.png"},  # 8
-        {"input_prompt": "   \n\t", "output_image": "image/blank_prompt.png"},  # 9
-        {"input_prompt": long_prompt, "output_image": "image/long_prompt.png"},  # 10
-        {"input_prompt": "same output as record 0", "output_image": "image/./tar_good.png"},  # 11
-        {"input_prompt": "a cmyk jpeg", "output_image": "image/cmyk.jpg"},  # 12
-        "not a record",  # 13
-        {"input_prompt": "a grey image", "output_image": "image/grey.png"},  # 14 ok
-        {"input_prompt": "valid but larger than the limit", "output_image": "image/too_big.png"},  # 15
-    ]
-    ti2i = [
-        {"input_prompt": "make it green", "input_image": ["image/tar_input.png"], "output_image": "image/palette.png"},
-        {"input_prompt": "combine them", "input_image": ["image/edit_input.png", "image/tar_input.png"],
-         "output_image": "image/cmyk.jpg"},  # 1 ok, two inputs
-        {"input_prompt": "no inputs", "input_image": [], "output_image": "image/edit_out_2.png"},  # 2
-        {"input_prompt": "no input key", "output_image": "image/rgba.png"},  # 3
-        {"input_prompt": "missing input", "input_image": ["image/nope.png"],
-         "output_image": "image/edit_out_4.png"},  # 4
-        {"input_prompt": "truncated input", "input_image": ["image/edit_truncated.png"],
-         "output_image": "image/edit_input.png"},  # 5
-    ]
-    (root / "text_to_image.json").write_text(json.dumps(t2i))
-    (root / "text_and_image_to_image.json").write_text(json.dumps(ti2i))
-    t, e = "text_to_image.json", "text_and_image_to_image.json"
-    return {
-        (t, 3): "missing image", (t, 4): "unreadable image", (t, 5): "unreadable image",
-        (t, 6): "path escapes source root", (t, 7): "path escapes source root", (t, 8): "image too large",
-        (t, 9): "empty prompt", (t, 10): "prompt too long", (t, 11): "duplicate id", (t, 13): "malformed record",
-        (t, 15): "image too large",
-        (e, 2): "no input image", (e, 3): "no input image", (e, 4): "missing image", (e, 5): "unreadable image",
-    }
-
-
-BAD_SOURCE_GOOD = {("text_to_image.json", i) for i in (0, 1, 2, 12, 14)} | {("text_and_image_to_image.json", i)
-                                                                             for i in (0, 1)}
-BAD_SOURCE_LIMITS = ["limits.max_image_pixels=100000", "limits.max_text_tokens=64"]
 
 
 def index_of(root: Path):
@@ -338,30 +224,6 @@ def test_prepared_pixels_are_what_image_to_tensor_feeds_the_model():
     prepared = prepare_image(png_bytes(original), 10**8, 64)
     stored = decode_png_pixels(encode_png(prepared, compress_level=1))
     assert np.array_equal(pixels_to_tensor(stored).numpy(), image_to_tensor(original, 64).numpy())
-
-
-def janus_square(image: Image.Image, side: int) -> np.ndarray:
-    """DeepSeek Janus's `VLMImageProcessor.resize`, written out from its published description.
-
-    (w, h) -> long side `side`, other side int(x / max(w, h) * side) but >= 14, bicubic; then
-    `expand2square`: a square of the mean grey int(0.5 * 255) = 127, the image pasted at
-    (0, (W - H) // 2) when wider than tall, at ((H - W) // 2, 0) when taller.
-    """
-    width, height = image.size
-    longest = max(width, height)
-    new_height = max(int(height / longest * side), 14)
-    new_width = max(int(width / longest * side), 14)
-    resized = np.asarray(image.resize((new_width, new_height), resample=Image.BICUBIC))
-    if new_width == new_height:
-        return resized
-    square = np.full((max(new_width, new_height),) * 2 + (3,), 127, dtype=np.uint8)
-    if new_width > new_height:
-        top = (new_width - new_height) // 2
-        square[top:top + new_height, :] = resized
-    else:
-        left = (new_height - new_width) // 2
-        square[:, left:left + new_width] = resized
-    return square
 
 
 @pytest.mark.parametrize("size, side", [((100, 60), 64), ((60, 100), 64), ((1536, 1024), 64), ((1024, 1536), 384),
@@ -741,214 +603,3 @@ def test_job_help_lists_every_key():
     for key in ("source.format", "output.overwrite", "limits.max_image_pixels", "split.val_fraction",
                 "ray.num_encoder_actors", "model.preset", "init_seed"):
         assert key in out
-
-
-# --------------------------------------------------------------------------- the job on Ray + local S3
-
-
-@pytest.fixture(scope="module")
-def ray_cluster(local_stack):
-    """One local Ray cluster for the module; returns its address (for a second driver)."""
-    import ray
-
-    ray.init(address="local", num_cpus=4, include_dashboard=False,
-             runtime_env={"env_vars": {k: v for k, v in local_stack.env().items() if k.startswith("AWS_")}})
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def s3_root(local_stack) -> str:
-    return f"s3://{local_stack.bucket}/test-ingest-{uuid.uuid4().hex[:8]}"
-
-
-@pytest.fixture(scope="module")
-def sample_source(tmp_path_factory, s3_root):
-    """The sample data, uploaded to S3 (tars and JSON as they are: ingest reads them in place)."""
-    local = tmp_path_factory.mktemp("sample")
-    records = write_sample_dataset(local)
-    upload_folder(local, f"{s3_root}/raw/sample")
-    return f"{s3_root}/raw/sample", records
-
-
-def ingest_config(source: str, output: str, *overrides: str, fmt: str = "sharegpt4o") -> IngestConfig:
-    return load_config(IngestConfig, SAMPLE_YAML, [f"source.format={fmt}", f"source.path={source}",
-                                                   f"output.uri={output}", "ray.records_per_task=16", *overrides])
-
-
-@pytest.fixture(scope="module")
-def sample_dataset(ray_cluster, sample_source, s3_root):
-    uri = f"{s3_root}/shards/sample"
-    return uri, run_ingest(ingest_config(sample_source[0], uri))
-
-
-def object_names(uri: str) -> list[str]:
-    from pyarrow import fs as pafs
-
-    fs, root = pyarrow_filesystem(uri)
-    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
-    return sorted(i.path[len(root):].lstrip("/") for i in infos if i.type == pafs.FileType.File)
-
-
-def counts_of(table: pa.Table) -> dict:
-    counts = {task: {"train": 0, "val": 0} for task in ("t2i", "ti2i")}
-    for task, split in zip(table["task"].to_pylist(), table["split"].to_pylist()):
-        counts[task][split] += 1
-    return counts
-
-
-@pytest.mark.integration
-def test_sample_ingest_to_s3_has_exact_counts(sample_dataset, sample_source):
-    uri, result = sample_dataset
-    records = sample_source[1]
-    manifest = DatasetManifest.read(uri)
-    assert manifest == result.manifest
-    table = read_shards(uri, manifest)
-    assert table.schema.equals(SHARD_SCHEMA) and table.num_rows == manifest.rows == len(records) == 80
-    assert counts_of(table) == manifest.counts
-    assert {t: sum(s.values()) for t, s in manifest.counts.items()} == {"t2i": 48, "ti2i": 32}
-    ids = table["id"].to_pylist()
-    stems = {"t2i": "text_to_image.json", "ti2i": "text_and_image_to_image.json"}
-    assert sorted(ids) == sorted(f"{stems[r.task]}:{r.output_path}" for r in records)
-    assert table["split"].to_pylist() == [split_of(i, 0, 0.1) for i in ids]
-    for row in table.to_pylist():
-        assert len(row["output_codes"]) == 16 and len(row["input_codes"]) == len(row["input_pixels"])
-        assert (row["task"] == "ti2i") == bool(row["input_codes"])
-        assert all(decode_png_pixels(png).shape == (64, 64, 3) for png in row["input_pixels"])
-    assert sum(len(c) == 2 for c in table["input_codes"].to_pylist()) == 8
-    assert read_rejects(uri) == [] and manifest.rejects == 0
-    assert object_names(uri) == sorted([*manifest.shards, REJECTS_NAME, MANIFEST_NAME])  # no staging left
-    assert manifest.source == {"format": "sharegpt4o", "path": sample_source[0]}
-    model = manifest.model
-    assert (model["preset"], model["image_size"], model["num_image_tokens"]) == ("debug", 64, 16)
-    assert model["init_seed"] == 42 and model["weights"] is None
-
-
-@pytest.mark.integration
-def test_ingested_shards_mix_the_sources_in_small_row_groups(sample_dataset):
-    uri, result = sample_dataset
-    fs, root = pyarrow_filesystem(uri)
-    for name in result.manifest.shards:
-        with fs.open_input_file(f"{root}/{name}") as handle:
-            shard = pq.ParquetFile(handle)
-            assert shard.metadata.num_rows <= 32 and shard.metadata.row_group(0).num_rows <= 128
-            tables = [shard.read_row_group(i) for i in range(shard.metadata.num_row_groups)]
-        assert all(len(set(t["split"].to_pylist())) == 1 for t in tables)
-        if shard.metadata.num_rows >= 16:
-            assert len({s for t in tables for s in t["source"].to_pylist()}) == 2, name
-
-
-@pytest.mark.integration
-def test_ingested_codes_are_encode_vq_codes_of_the_resized_images(sample_dataset, sample_source):
-    from janus_lab.model import debug, encode_vq_codes, image_to_tensor
-
-    uri, result = sample_dataset
-    rows = {row["id"].split(":")[1]: row for row in read_shards(uri).to_pylist()}
-    bundle = debug(seed=42)
-    assert result.manifest.model["fingerprint"] == vq_fingerprint(bundle.model, bundle.processor.tokenizer)
-    records = sample_source[1]
-    chosen = [r for r in records if r.task == "t2i"][:3] + [r for r in records if len(r.inputs) == 2][:2]
-    for record in chosen:
-        row = rows[record.output_path]
-        images = [record.output_image(), *record.input_images()]
-        expected = encode_vq_codes(bundle.model, torch_stack([image_to_tensor(i, 64) for i in images])).tolist()
-        assert [row["output_codes"], *row["input_codes"]] == expected
-        for png, image in zip(row["input_pixels"], record.input_images()):
-            assert np.array_equal(decode_png_pixels(png), janus_square(image, 64))
-
-
-def torch_stack(tensors):
-    import torch
-
-    return torch.stack(tensors)
-
-
-@pytest.mark.integration
-def test_bad_records_give_exact_rejects_and_the_good_ones_intact(ray_cluster, tmp_path, s3_root):
-    expected = write_bad_source(tmp_path / "src")
-    uri = f"{s3_root}/shards/bad"
-    result = run_ingest(ingest_config(str(tmp_path / "src"), uri, *BAD_SOURCE_LIMITS))
-    rejects = read_rejects(uri)
-    assert {(r.source_file, r.record_index): r.category for r in rejects} == expected
-    assert len(rejects) == result.manifest.rejects == len(expected) == 15
-    assert result.manifest.limits == {"max_text_tokens": {"limit": 64, "rejected": 1},
-                                      "max_image_pixels": {"limit": 100000, "rejected": 2}}
-    assert "dropped by limits: 1 over max_text_tokens=64, 2 over max_image_pixels=100000" in result.summary()
-    assert [(r.source_file, r.record_index) for r in rejects] == sorted(expected)  # in source order
-    by_key = {(r.source_file, r.record_index): r.reason for r in rejects}
-    assert by_key[("text_to_image.json", 6)] == "path escapes source root: ../outside.png"
-    assert by_key[("text_to_image.json", 3)] == "missing image: image/nowhere.png"
-    assert by_key[("text_to_image.json", 15)].startswith("image too large: image/too_big.png (header claims 400x400")
-    assert by_key[("text_to_image.json", 10)].startswith("prompt too long: prompt has")
-    table = read_shards(uri)
-    good = {("text_to_image.json", i): "t2i" for i in (0, 1, 2, 12, 14)}
-    good |= {("text_and_image_to_image.json", i): "ti2i" for i in (0, 1)}
-    assert table.num_rows == result.manifest.rows == len(BAD_SOURCE_GOOD) == 7
-    assert sorted(zip(table["source"].to_pylist(), table["task"].to_pylist())) == sorted(
-        (f"sharegpt4o:{f}", task) for (f, _), task in good.items())
-    assert sorted(len(c) for c in table["input_codes"].to_pylist()) == [0, 0, 0, 0, 0, 1, 2]
-
-
-@pytest.mark.integration
-def test_nothing_usable_fails_after_writing_the_rejects(ray_cluster, tmp_path, s3_root):
-    (tmp_path / "text_to_image.json").write_text(json.dumps([
-        {"input_prompt": " ", "output_image": "image/a.png"}, {"input_prompt": "x", "output_image": "../a.png"}]))
-    uri = f"{s3_root}/shards/nothing"
-    with pytest.raises(IngestError, match="all 2 records were rejected"):
-        run_ingest(ingest_config(str(tmp_path), uri))
-    assert object_names(uri) == [REJECTS_NAME] and len(read_rejects(uri)) == 2
-
-
-@pytest.mark.integration
-def test_echo4o_parts_are_streamed_from_s3(ray_cluster, tmp_path, s3_root):
-    written = write_sample_dataset(tmp_path, "echo4o", num_t2i=6, num_ti2i=4)
-    upload_folder(tmp_path, f"{s3_root}/raw/echo")
-    uri = f"{s3_root}/shards/echo"
-    result = run_ingest(ingest_config(f"{s3_root}/raw/echo", uri, fmt="echo4o"))
-    table = read_shards(uri)
-    assert table.num_rows == 10 and result.manifest.rejects == 0
-    assert sorted(table["prompt"].to_pylist()) == sorted(r.prompt for r in written)
-    assert sorted(len(c) for c in table["input_codes"].to_pylist()) == sorted(len(r.inputs) for r in written)
-
-
-@pytest.mark.integration
-def test_a_killed_ingest_leaves_no_manifest_and_a_rerun_completes(ray_cluster, sample_source, s3_root):
-    uri = f"{s3_root}/shards/killed"
-    # A second driver on the module's cluster, killed as soon as its first shard is staged.
-    job = subprocess.Popen(
-        [sys.executable, str(REPO / "jobs" / "ingest.py"), "--config", str(SAMPLE_YAML),
-         f"source.path={sample_source[0]}", f"output.uri={uri}", "output.rows_per_shard=2", "ray.batch_size=2",
-         "ray.records_per_task=4"],
-        env=dict(os.environ, RAY_ADDRESS=ray_cluster), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 180
-    while not any(name.startswith("_tmp-") and name.endswith(".parquet") for name in object_names(uri)):
-        assert job.poll() is None, job.stdout.read().decode()[-3000:]
-        assert time.monotonic() < deadline, "the job staged no shard in time"
-        time.sleep(0.05)
-    job.send_signal(signal.SIGKILL)
-    job.wait()
-    left = object_names(uri)
-    assert MANIFEST_NAME not in left and any(name.startswith("_tmp-") for name in left)
-    with pytest.raises(FileNotFoundError, match="did not finish"):
-        DatasetManifest.read(uri)
-
-    result = run_ingest(ingest_config(sample_source[0], uri))
-    assert result.manifest.rows == 80
-    assert object_names(uri) == sorted([*result.manifest.shards, REJECTS_NAME, MANIFEST_NAME])
-    assert counts_of(read_shards(uri)) == result.manifest.counts
-
-
-@pytest.mark.integration
-def test_a_finished_dataset_is_replaced_only_with_overwrite(sample_dataset, sample_source):
-    uri, first = sample_dataset
-    with pytest.raises(OutputExistsError, match="output.overwrite=true"):
-        run_ingest(ingest_config(sample_source[0], uri))
-    assert DatasetManifest.read(uri) == first.manifest  # untouched
-    again = run_ingest(ingest_config(sample_source[0], uri, "output.overwrite=true", "split.seed=1",
-                                     "output.rows_per_shard=64", "split.val_fraction=null", "split.val_count=5"))
-    manifest = DatasetManifest.read(uri)
-    assert manifest == again.manifest and manifest.seed == 1 and manifest.rows == 80
-    assert (manifest.val_fraction, manifest.val_count) == (None, 5)
-    assert sum(per_split["val"] for per_split in manifest.counts.values()) == 5  # by count: exactly 5
-    assert object_names(uri) == sorted([*manifest.shards, REJECTS_NAME, MANIFEST_NAME])  # old shards gone
-    assert counts_of(read_shards(uri)) == manifest.counts
