@@ -46,7 +46,7 @@ class SamplingSettings:
     @classmethod
     def keys(cls) -> tuple[str, ...]:
         """The sampling fields' names (what a CFG sweep's grid may search)."""
-        return tuple(f.name for f in dataclasses.fields(SamplingSettings))
+        return _SAMPLING_KEYS
 
     def sampling(self) -> "SamplingSettings":
         """These settings alone, without the subclass's other fields."""
@@ -70,6 +70,8 @@ class SamplingSettings:
         if self.top_p is not None and not 0 < _number(self.top_p, "top_p") <= 1:
             raise SettingError("top_p", f"must be in (0, 1], got {self.top_p}")
 
+
+_SAMPLING_KEYS = tuple(f.name for f in dataclasses.fields(SamplingSettings))
 
 Device = Literal["auto", "cpu", "cuda"]
 Dtype = Literal["auto", "float32", "bfloat16"]

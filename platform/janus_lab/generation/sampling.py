@@ -126,6 +126,10 @@ class ImageSampling(SamplingSettings):
     index: int
     """Which image of its request (selects its random stream)."""
 
+    def __post_init__(self) -> None:
+        # Built per image from a request `validate_request` already checked: no second check.
+        pass
+
 
 class GuidedSampler:
     """Turns the logits of every CFG row of a batch into the next code of every image.
