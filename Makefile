@@ -70,9 +70,18 @@ sample-data: | $(PY)
 #   make demo      the miniature study on the local stack: world data -> ingest to S3 -> finetune -> score ->
 #                  promote -> generate -> 2x2 ablation x 2 seeds -> CFG sweep -> serve
 
-.PHONY: test demo
-test: venv
+.PHONY: test demo browser
+test: venv browser
 	$(PY) -m pytest -q --durations=15
+
+# The playground's browser test drives Debian's chromium through its chromedriver (browsers that
+# a tool downloads by itself cannot be fetched on these machines); installed once, when missing.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		{ echo "installing chromium and chromedriver (apt)"; \
+		  $$(command -v sudo >/dev/null && [ "$$(id -u)" != 0 ] && echo sudo) apt-get update -qq && \
+		  DEBIAN_FRONTEND=noninteractive $$(command -v sudo >/dev/null && [ "$$(id -u)" != 0 ] && echo sudo) \
+		  apt-get install -y -qq chromium chromium-driver >/dev/null; }
 
 demo: venv
 	$(MAKE) up

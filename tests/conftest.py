@@ -9,6 +9,7 @@ Tests that use ``local_stack`` are marked ``@pytest.mark.integration``.
 from __future__ import annotations
 
 import os
+import socket
 
 import pytest
 
@@ -42,3 +43,25 @@ def s3_prefix(local_stack: LocalStack, request: pytest.FixtureRequest) -> str:
     """A fresh ``s3://<bucket>/tests/<test name>-<pid>`` prefix for one test."""
     name = request.node.name.replace("[", "-").replace("]", "")
     return f"s3://{local_stack.bucket}/tests/{name}-{os.getpid()}"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def serve_cluster():
+    """One local Ray cluster and Serve instance for a module's applications; yields the base URL."""
+    import ray
+    from ray import serve
+
+    port = free_port()
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()

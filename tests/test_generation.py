@@ -33,6 +33,7 @@ from janus_lab.generation import (
     mix_guidance,
     sample_from_logits,
 )
+from janus_lab.generation.progress import PARTIAL_FILL, RequestProgress, partial_rows
 from janus_lab.model import SequenceBuilder, cache_kwarg, debug, embed_inputs, encode_vq_codes, image_to_tensor
 
 N = 16  # codes per image of the 64 px debug model
@@ -211,6 +212,60 @@ def test_t2i_greedy_equals_transformers_generate(bundle, batched):
     assert torch.equal(single[0], ours[0])
     assert torch.equal(padded[0], ours[0])
     assert torch.equal(padded[1], reference_generate(bundle, long, seed=0)[0])
+
+
+def test_partial_images_come_at_evenly_spread_rows_with_the_codes_so_far(engine, batched):
+    seen = []
+    progress = RequestProgress(partial_images=3, on_partial=lambda index, codes, rows: seen.append((index, codes, rows)))
+    names = list(BATCH)
+    watched = names.index("ti2i-2-sampled")
+    engine.generate_prepared(engine.validate(list(BATCH.values())),
+                             progress=[progress if i == watched else None for i in range(len(names))])
+    side = math.isqrt(N)
+    assert [(index, rows) for index, _, rows in seen] == list(enumerate(partial_rows(3, side)))
+    final = batched["ti2i-2-sampled"].codes
+    for _, codes, rows in seen:
+        assert torch.equal(codes[:, :rows * side], final[:, :rows * side])
+    image = engine.decode_partial(seen[0][1], seen[0][2])[0]
+    pixels = np.asarray(image)
+    assert (pixels[image.height * seen[0][2] // side:] == PARTIAL_FILL).all()
+    assert not (pixels[:image.height * seen[0][2] // side] == PARTIAL_FILL).all()
+
+
+def test_partial_rows_are_spread_and_checked():
+    assert partial_rows(0, 24) == [] and partial_rows(1, 24) == [12] and partial_rows(3, 24) == [6, 12, 18]
+    assert partial_rows(3, 4) == [1, 2, 3] and partial_rows(3, 2) == [1]
+    with pytest.raises(ValueError, match="between 0 and 3"):
+        partial_rows(4, 24)
+
+
+@pytest.mark.parametrize("leaving", ["t2i-greedy", "ti2i-2-greedy", "t2i-sampled"])
+def test_a_request_whose_watcher_leaves_frees_its_rows_and_the_others_are_unchanged(engine, batched, leaving):
+    names = list(BATCH)
+    freed = []
+    progress = RequestProgress(partial_images=1, on_freed=lambda step, rows: freed.append((step, rows)))
+    progress.on_partial = lambda index, codes, rows: progress.cancelled.set()  # leaves at its first partial
+    results = engine.generate_prepared(engine.validate(list(BATCH.values())),
+                                       progress=[progress if name == leaving else None for name in names])
+    request = BATCH[leaving]
+    rows_per_image = 3 if request.input_images else 2
+    side = math.isqrt(N)
+    assert freed == [(partial_rows(1, side)[0] * side - 1, rows_per_image * request.parallel_size)]
+    for name, result in zip(names, results):
+        assert result.cancelled == (name == leaving)
+        if name != leaving:
+            assert torch.equal(result.codes, batched[name].codes), name
+    assert results[names.index(leaving)].images == []
+
+
+def test_the_static_cache_keeps_a_leaving_requests_rows_and_the_others_unchanged(bundle, batched):
+    static = GenerationEngine.from_bundle(bundle, static_cache=True)
+    progress = RequestProgress()
+    progress.cancelled.set()
+    names = ["t2i-greedy", "ti2i-1-sampled"]
+    results = static.generate_prepared(static.validate([BATCH[n] for n in names]), progress=[progress, None],
+                                       decode_images=False)
+    assert torch.equal(results[1].codes, batched["ti2i-1-sampled"].codes)
 
 
 def test_result_does_not_depend_on_batch_or_parallel_size(engine, batched):

@@ -17,29 +17,25 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
-import copy
 import io
-import json
 import os
-import socket
 import threading
 import time
 import uuid
 from pathlib import Path
 
 import pytest
-import yaml
 from PIL import Image
 
 from janus_lab.config import ConfigError
 from janus_lab.serving import ModelUserConfig, ServeArgs, ServeLimits, build_app
 from janus_lab.serving.access import ApiKeys, KeySourceError, SlidingWindowLimits, key_digest, key_id
-from janus_lab.serving.api import ApiError, check_image, parse_fields, GENERATION_FIELDS, EDIT_FIELDS
+from janus_lab.serving.api import ApiError, check_image, parse_fields, parse_stream, GENERATION_FIELDS, EDIT_FIELDS
 from janus_lab.serving.settings import AccessConfig
 from registry_runs import make_run
+from serve_apps import bind_application, deployment_options, serve_config
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG = REPO / "serve" / "config.yaml"
 EXPERIMENT = f"serve-tests-{os.getpid()}"
 
 
@@ -47,10 +43,6 @@ def png_bytes(size=(64, 64), color=(200, 30, 30), mode="RGB") -> bytes:
     buffer = io.BytesIO()
     Image.new(mode, size, color if mode == "RGB" else 0).save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def serve_config() -> dict:
-    return yaml.safe_load(CONFIG.read_text())
 
 
 # --------------------------------------------------------------------------- unit: no cluster
@@ -203,6 +195,22 @@ def test_form_fields_are_converted_and_checked():
         assert caught.value.param == param
 
 
+def test_stream_and_partial_images_are_checked_from_json_and_form_fields():
+    assert parse_stream({"prompt": "a"}, "b64_json", from_text=False) is None
+    assert parse_stream({"stream": True}, "b64_json", from_text=False) == 0
+    assert parse_stream({"stream": "true", "partial_images": "3"}, "b64_json", from_text=True) == 3
+    assert parse_stream({"stream": "false", "partial_images": "0"}, "b64_json", from_text=True) is None
+    for fields, response_format, param, text in [
+        ({"stream": "yes"}, "b64_json", "stream", "true or false"),
+        ({"stream": True, "partial_images": 4}, "b64_json", "partial_images", "between 0 and 3"),
+        ({"partial_images": 2}, "b64_json", "partial_images", "needs stream=true"),
+        ({"stream": True}, "png", "response_format", "b64_json"),
+    ]:
+        with pytest.raises(ApiError) as caught:
+            parse_stream(fields, response_format, from_text=False)
+        assert caught.value.status == 400 and caught.value.param == param and text in caught.value.message
+
+
 def test_uploads_are_checked_from_size_and_header_before_decoding():
     limits = ServeLimits(max_upload_bytes=4096, max_input_pixels=1000 * 1000)
     check_image(png_bytes(), limits, "image[0]")  # fine
@@ -234,7 +242,7 @@ def test_an_uploaded_non_square_image_is_letterboxed_before_the_model_reads_it()
     def edited(upload: bytes) -> bytes:
         request = GenerationRequest("make it blue", input_images=[upload], temperature=0, seed=5)
         prepared = validate_request(request, engine.limits, engine.builder, engine.max_sequence_length)
-        return ImageModel.func_or_class._generate_and_encode(current, [prepared])[0]["images"][0]
+        return ImageModel.func_or_class._generate_and_encode(current, [(prepared, None)])[0]["images"][0]
 
     rng = np.random.default_rng(3)
     wide = Image.fromarray(rng.integers(0, 256, (60, 100, 3), dtype=np.uint8))
@@ -261,12 +269,6 @@ MODEL_OVERRIDES = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def registry(local_stack):
     """Three debug-model exports registered as `name` v1 (gated), v2 (forced) and a later run."""
@@ -284,35 +286,6 @@ def registry(local_stack):
     forced = promote(PromoteConfig(run_id=runs["forced"], name=name, force=True, reason="serve test: swap weights"))
     assert (first.champion, forced.champion) == ("1", "2"), (first.summary(), forced.summary())
     return name, runs
-
-
-@pytest.fixture(scope="module")
-def serve_cluster():
-    """One local Ray cluster and Serve instance for the module's applications; yields the base URL."""
-    import ray
-    from ray import serve
-
-    port = free_port()
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-
-
-def deployment_options() -> dict[str, dict]:
-    """serve/config.yaml's options of each deployment, by name."""
-    return {d.pop("name"): d for d in copy.deepcopy(serve_config()["applications"][0]["deployments"])}
-
-
-def bind_application(args: dict, options: dict[str, dict]):
-    """What `build_app` binds, with each deployment's options applied."""
-    from janus_lab.serving import ApiLimiter, ImageApi, ImageModel
-
-    return ImageApi.options(**options["ImageApi"]).bind(
-        ImageModel.options(**options["ImageModel"]).bind(args), args, ApiLimiter.options(**options["ApiLimiter"]).bind(args))
 
 
 @pytest.fixture(scope="module")

@@ -98,5 +98,6 @@ echo
 echo "MLflow run:  ${MLFLOW_TRACKING_URI}/#/experiments (experiment janus-4o-mini, run ${RUN}, id ${RUN_ID})"
 echo "Registry:    ${MLFLOW_TRACKING_URI}/#/models/janus-4o"
 echo "Checkpoints and export: s3://${JANUS_BUCKET}/runs/${RUN}/   Scores and images: ${OUT}/ (scores/, generated/, served/)"
+echo "Playground:  ${ENDPOINT}/   (a web page: prompt, settings, upload, the image growing as it streams)"
 echo "Server:      ${ENDPOINT}/v1/images/generations (serve status; serve shutdown -y stops it)"
 echo "Stop the stack with: make down"

@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Literal
 
 from janus_lab.config import load_config
 from janus_lab.settings import ModelSource, SamplingSettings

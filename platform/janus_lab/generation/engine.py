@@ -19,12 +19,15 @@ reused between calls): a server serialises calls to it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 import torch
+from PIL import Image
 from transformers import DynamicCache, JanusForConditionalGeneration, StaticCache
 
+from janus_lab.generation.progress import PARTIAL_FILL, RequestProgress, fill_unfinished
 from janus_lab.generation.requests import (
     GenerationLimits,
     GenerationRequest,
@@ -145,12 +148,18 @@ class GenerationEngine:
         return self.generate_prepared(self.validate(requests), decode_images=decode_images)
 
     @torch.inference_mode()
-    def generate_prepared(self, prepared: Sequence[PreparedRequest], *,
-                          decode_images: bool = True) -> list[GenerationResult]:
+    def generate_prepared(self, prepared: Sequence[PreparedRequest], *, decode_images: bool = True,
+                          progress: Sequence[RequestProgress | None] | None = None) -> list[GenerationResult]:
         """Generates requests that already passed `validate` (a server validates on arrival).
 
+        Args:
+            prepared: the requests.
+            decode_images: also decode the codes to PIL images.
+            progress: per request, what its watcher asks for (partial images, leaving early) or
+                None (janus_lab.generation.progress).
+
         Returns:
-            One result per request, in order.
+            One result per request, in order; a request whose watcher left is `cancelled`.
         """
         # Every module's own mode is restored (not model.train(), which would also flip the
         # frozen VQ tokenizer into training mode).
@@ -158,16 +167,43 @@ class GenerationEngine:
         self.model.eval()
         try:
             batch = self.build_cfg_batch(prepared)
-            codes = self._decode(batch).cpu()
+            codes, cancelled = self._decode(batch, list(progress or []))
+            codes = codes.cpu()
         finally:
             for module, training in modes:
                 module.training = training
         results = []
-        for item, images in zip(prepared, batch.request_images):
+        for r, (item, images) in enumerate(zip(prepared, batch.request_images)):
             request_codes = codes[images.start:images.stop]
+            if r in cancelled:
+                results.append(GenerationResult(codes=request_codes, images=[], seed=item.seed, cancelled=True))
+                continue
             pictures = tensor_to_images(decode_vq_codes(self.model, request_codes)) if decode_images else []
             results.append(GenerationResult(codes=request_codes, images=pictures, seed=item.seed))
         return results
+
+    @torch.inference_mode()
+    def decode_partial(self, codes: torch.Tensor, rows: int) -> list[Image.Image]:
+        """Images of codes whose first `rows` rows are finished: those rows decoded, the rest grey.
+
+        Only the finished band (and one row past it, the last finished row repeated, so that the
+        decoder's convolutions see a plausible neighbour) goes through the VQ decoder: a partial
+        image costs (rows + 1) / side of a full decode. Safe to call from another thread while a
+        batch generates (it runs the VQ decoder only).
+        """
+        side = math.isqrt(self.num_image_tokens)
+        band = min(rows + 1, side)
+        vq = self.model.model.vqmodel
+        grid = fill_unfinished(codes, rows).view(len(codes), side, side)[:, :band].to(vq.quantize.embedding.weight.device)
+        latent = torch.nn.functional.normalize(vq.quantize.embedding(grid), dim=-1).permute(0, 3, 1, 2)
+        pixels = vq.decoder(vq.post_quant_conv(latent.to(vq.post_quant_conv.weight.dtype)))
+        top = tensor_to_images(pixels.permute(0, 2, 3, 1))
+        images = []
+        for image in top:
+            canvas = Image.new("RGB", (self.image_size, self.image_size), PARTIAL_FILL)
+            canvas.paste(image.crop((0, 0, self.image_size, self.image_size * rows // side)), (0, 0))
+            images.append(canvas)
+        return images
 
     def generate_in_batches(self, requests: Sequence[GenerationRequest], *, max_images: int | None = None,
                             decode_images: bool = True,
@@ -293,8 +329,13 @@ class GenerationEngine:
 
     # ------------------------------------------------------------------ decoding
 
-    def _decode(self, batch: CfgBatch) -> torch.Tensor:
-        """Prefill + N-1 cached steps; returns (I, N) codes on the model's device."""
+    def _decode(self, batch: CfgBatch, progress: list[RequestProgress | None]) -> tuple[torch.Tensor, set[int]]:
+        """Prefill + N-1 cached steps.
+
+        Returns:
+            (I, N) codes on the model's device, and the requests whose watcher left (their rows
+            left the batch at the next step on the growing cache; their codes stop there).
+        """
         core = self.model.model
         n = self.num_image_tokens
         prefill_cache = DynamicCache(config=core.language_model.config)
@@ -316,12 +357,33 @@ class GenerationEngine:
         row_image = _pad_rows(batch.row_image, rows)
         row_length = _pad_rows(batch.row_length, rows)
 
-        codes = torch.empty((batch.sampler.num_images, n), dtype=torch.long, device=self.device)
+        watch = _Watch(batch, progress, math.isqrt(n))
+        sampler, live_rows = batch.sampler, batch.num_rows
+        active = torch.arange(sampler.num_images, device=self.device)  # batch image of each live image
+        codes = torch.zeros((sampler.num_images, n), dtype=torch.long, device=self.device)
         for step in range(n):
-            next_codes = batch.sampler(row_logits[:batch.num_rows], step)
-            codes[:, step] = next_codes
+            next_codes = sampler(row_logits[:live_rows], step)
+            codes[active, step] = next_codes
+            watch.report(step, codes)
             if step == n - 1:
                 break
+            leaving = watch.leaving() if not self.static_cache else set()
+            if leaving:  # the rows of requests nobody waits for leave the batch now
+                keep = torch.tensor([i for i, image in enumerate(active.tolist())
+                                     if watch.request_of[image] not in leaving], dtype=torch.long, device=self.device)
+                keep_rows = torch.isin(row_image, keep).nonzero().squeeze(-1)
+                watch.freed(step, leaving, [watch.request_of[image] for image in active[row_image].tolist()])
+                if not len(keep):
+                    break
+                row_map = torch.full((live_rows,), -1, dtype=torch.long, device=self.device)
+                row_map[keep_rows] = torch.arange(len(keep_rows), device=self.device)
+                image_map = torch.full((len(active),), -1, dtype=torch.long, device=self.device)
+                image_map[keep] = torch.arange(len(keep), device=self.device)
+                cache.batch_select_indices(keep_rows)
+                full_mask, row_length = full_mask[keep_rows], row_length[keep_rows]
+                row_image = image_map[row_image[keep_rows]]
+                sampler, active, next_codes = sampler.subset(keep, row_map), active[keep], next_codes[keep]
+                live_rows = rows = len(keep_rows)
             embeds = self.model.prepare_embeddings_for_image_generation(next_codes).index_select(0, row_image)
             mask = full_mask if self.static_cache else full_mask[:, :length + step + 1]
             if self.compile_step:
@@ -329,7 +391,7 @@ class GenerationEngine:
                 # (already consumed by the sampler) may be overwritten.
                 torch.compiler.cudagraph_mark_step_begin()
             row_logits = self._step(embeds.unsqueeze(1), (row_length + step).unsqueeze(1), mask, cache)
-        return codes
+        return codes, watch.gone
 
     def _decode_step(self, embeds: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache) -> torch.Tensor:
         """One token for every row: (R, 1, D) embeddings -> (R, V) float32 generation logits."""
@@ -359,6 +421,36 @@ class GenerationEngine:
         for static_layer, layer in zip(cache.layers, prefill_cache.layers):
             static_layer.update(layer.keys.index_select(0, source), layer.values.index_select(0, source))
         return cache, rows, capacity
+
+
+class _Watch:
+    """The decode loop's view of its requests' watchers: due partial images and leavers."""
+
+    def __init__(self, batch: CfgBatch, progress: list[RequestProgress | None], side: int):
+        self.request_images = batch.request_images
+        self.request_of = [r for r, images in enumerate(batch.request_images) for _ in images]
+        self.watched = [(r, p, p.schedule(side)) for r, p in enumerate(progress) if p is not None]
+        self.gone: set[int] = set()
+
+    def report(self, step: int, codes: torch.Tensor) -> None:
+        for r, progress, schedule in self.watched:
+            if step in schedule and r not in self.gone and not progress.cancelled.is_set():
+                index, rows = schedule[step]
+                images = self.request_images[r]
+                progress.on_partial(index, codes[images.start:images.stop].cpu(), rows)
+
+    def leaving(self) -> set[int]:
+        """Requests whose watcher left since the last call."""
+        new = {r for r, progress, _ in self.watched if r not in self.gone and progress.cancelled.is_set()}
+        self.gone |= new
+        return new
+
+    def freed(self, step: int, requests: set[int], row_requests: list[int]) -> None:
+        """Tells each leaving request's watcher how many rows it gave back (`row_requests`: the
+        request of every live row)."""
+        for r, progress, _ in self.watched:
+            if r in requests and progress.on_freed is not None:
+                progress.on_freed(step, row_requests.count(r))
 
 
 def _round_up(value: int, multiple: int) -> int:

@@ -141,6 +141,8 @@ class GenerationResult:
     """The decoded images (empty when decoding was not asked for)."""
     seed: int
     """The seed that reproduces this result."""
+    cancelled: bool = False
+    """Its watcher left mid-batch: the codes stop where its rows left the batch, no images."""
 
 
 def open_input_image(value: Any, max_pixels: int, field_name: str) -> Image.Image:

@@ -12,6 +12,7 @@ RNG work at all (which keeps it capturable in a CUDA graph).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import sys
 from dataclasses import dataclass
@@ -171,6 +172,29 @@ class GuidedSampler:
             self.uniforms = None
         else:
             self.uniforms = torch.stack([draw_uniforms(s.seed, s.index, num_steps) for s in images]).to(device)
+
+    def subset(self, keep: torch.Tensor, row_map: torch.Tensor) -> "GuidedSampler":
+        """The sampler of the images `keep` (indices, increasing) alone, once the batch's rows are
+        renumbered by `row_map` (old row -> new row, -1 for a row that left the batch)."""
+        image_map = torch.full((self.num_images,), -1, dtype=torch.long, device=keep.device)
+        image_map[keep] = torch.arange(len(keep), device=keep.device)
+        out = copy.copy(self)
+        out.num_images = len(keep)
+        out.cond_rows = row_map[self.cond_rows.index_select(0, keep)]
+        out.uncond_rows = row_map[self.uncond_rows.index_select(0, keep)]
+        if self.edit_images is not None:
+            kept = image_map[self.edit_images] >= 0
+            out.edit_images = image_map[self.edit_images[kept]] if bool(kept.any()) else None
+            out.part_rows = row_map[self.part_rows[kept]]
+            out.cfg_weight2 = self.cfg_weight2[kept]
+        out.cfg_weight = self.cfg_weight.index_select(0, keep)
+        out.temperature = self.temperature.index_select(0, keep)
+        out.greedy = self.greedy.index_select(0, keep)
+        out.all_greedy = bool(out.greedy.all())
+        out.top_k = None if self.top_k is None else self.top_k.index_select(0, keep)
+        out.top_p = None if self.top_p is None else self.top_p.index_select(0, keep)
+        out.uniforms = None if self.uniforms is None else self.uniforms.index_select(0, keep)
+        return out
 
     def guided_logits(self, row_logits: torch.Tensor) -> torch.Tensor:
         """(R, V) logits of every row -> (I, V) float32 guided logits of every image."""

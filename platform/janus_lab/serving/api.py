@@ -1,9 +1,11 @@
 """The HTTP API: OpenAI-style image endpoints in front of the model deployment.
 
-    POST /v1/images/generations   JSON {prompt, n, cfg_weight, temperature, seed, response_format}
+    POST /v1/images/generations   JSON {prompt, n, cfg_weight, temperature, seed, response_format,
+                                  stream, partial_images}
     POST /v1/images/edits         multipart: image (one or more files), prompt, n, cfg_weight,
-                                  cfg_weight2, temperature, seed, response_format
-    GET  /v1/models               the registered version being served, and its run
+                                  cfg_weight2, temperature, seed, response_format, stream, partial_images
+    GET  /v1/models               the registered version being served, its run and sampling defaults
+    GET  /                        the web playground (playground.html)
     GET  /healthz                 open to all; every other endpoint needs `Authorization: Bearer <key>`
                                   when `args.access` names keys (janus_lab.serving.access)
 
@@ -13,39 +15,50 @@ requests or images per minute the answer is a 429 with Retry-After.
 Errors use OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, with `param`
 naming the offending field. Everything a request can get wrong is checked here or in the model
 deployment's `validate_request` before any generation; a full queue is a 503 with Retry-After.
+
+`stream: true` answers with server-sent events as the OpenAI Images API defines them:
+`image_generation.partial_image` / `image_edit.partial_image` (b64_json, partial_image_index;
+`partial_images` of them, 0-3, the rows finished so far over grey), then
+`image_generation.completed` / `image_edit.completed`. A streaming request shares the CFG batch
+with the others; when its client disconnects, its rows leave the batch at the next step.
 """
 
 # No `from __future__ import annotations`: FastAPI must see `request: Request` as a type, not a string.
 
 import base64
 import io
+import json
 import logging
 import math
 import time
 import warnings
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from PIL import Image
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import UploadFile
 
+from janus_lab.generation.progress import MAX_PARTIAL_IMAGES
 from janus_lab.generation.requests import SEED_LIMIT
 from janus_lab.serving.access import ApiKeys
 from janus_lab.serving.settings import ServeArgs, ServeLimits
 
 logger = logging.getLogger("ray.serve")
 
+PLAYGROUND = (Path(__file__).parent / "playground.html").read_text()
+"""The page served at `/`."""
 RESPONSE_FORMATS = ("b64_json", "png")
 RETRY_AFTER_S = 1
 """What a 503 tells clients to wait; a batch on the debug model takes about that long."""
 
 GENERATION_FIELDS = {"prompt", "n", "cfg_weight", "temperature", "seed", "response_format", "top_k", "top_p",
-                     "model", "size", "user"}
+                     "model", "size", "user", "stream", "partial_images"}
 EDIT_FIELDS = GENERATION_FIELDS | {"cfg_weight2", "image", "image[]"}
 """Accepted keys; `model`, `size` and `user` are what OpenAI clients send (model and user are
 ignored, size must match the model's)."""
@@ -153,6 +166,35 @@ def parse_fields(fields: dict[str, Any], allowed: set[str], limits: ServeLimits,
     return payload, response_format
 
 
+def parse_stream(fields: dict[str, Any], response_format: str, *, from_text: bool) -> int | None:
+    """`stream` and `partial_images`: None for a plain request, else the partial images wanted (0-3).
+
+    Raises:
+        ApiError: 400 for a non-boolean `stream`, `partial_images` out of range or without
+            `stream`, or a streamed `response_format` other than b64_json.
+    """
+    stream = fields.get("stream")
+    if from_text and isinstance(stream, str) and stream.strip().lower() in ("true", "false"):
+        stream = stream.strip().lower() == "true"
+    if stream is not None and not isinstance(stream, bool):
+        raise ApiError(400, "stream", f"stream: must be true or false, got {stream!r}")
+    partial = fields.get("partial_images")
+    if partial is not None:
+        partial = _integer(partial, "partial_images", 0, MAX_PARTIAL_IMAGES, from_text=from_text)
+    if not stream:
+        if partial:
+            raise ApiError(400, "partial_images", "partial_images: needs stream=true")
+        return None
+    if response_format != "b64_json":
+        raise ApiError(400, "response_format", "response_format: a stream sends b64_json events")
+    return partial or 0
+
+
+def sse_event(kind: str, data: dict[str, Any]) -> bytes:
+    """One server-sent event, as the OpenAI Images API sends it (`data` carries `type` too)."""
+    return f"event: {kind}\ndata: {json.dumps({'type': kind, **data})}\n\n".encode()
+
+
 def check_image(data: bytes, limits: ServeLimits, name: str) -> None:
     """Size in bytes, then pixels from the header; the image itself is not decoded here.
 
@@ -174,6 +216,14 @@ def check_image(data: bytes, limits: ServeLimits, name: str) -> None:
     if width * height > limits.max_input_pixels:
         raise ApiError(400, name, f"{name}: {width}x{height} = {width * height} pixels, "
                                   f"more than the limit of {limits.max_input_pixels}")
+
+
+def model_error(error: dict[str, str]) -> ApiError:
+    """The model deployment's refusal as the API's 400, its field named as the client sent it
+    (`input_images[1]` -> `image[1]`, `parallel_size` -> `n`)."""
+    param = error["param"].removeprefix("input_images").replace("parallel_size", "n")
+    param = f"image{param}" if error["param"].startswith("input_images") else param
+    return ApiError(400, param, error["message"])
 
 
 # --------------------------------------------------------------------------- the deployment
@@ -218,6 +268,12 @@ class ImageApi:
         else:
             logger.info(self.keys.describe())
 
+    @app.get("/", response_class=HTMLResponse)
+    async def playground(self) -> HTMLResponse:
+        """The web playground (plain HTML and JS over this API); the page itself needs no key,
+        its requests send the one typed into it."""
+        return HTMLResponse(PLAYGROUND)
+
     @app.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
         return {"status": "ok", "model": self.last_model}
@@ -243,7 +299,10 @@ class ImageApi:
             raise ApiError(400, None, f"the body must be a JSON object, got {type(body).__name__}")
         payload, response_format = parse_fields(body, GENERATION_FIELDS, self.limits, self._image_size(),
                                                 from_text=False)
+        partial_images = parse_stream(body, response_format, from_text=False)
         await self._admit(key, payload.get("parallel_size", 1))
+        if partial_images is not None:
+            return await self._stream(payload, partial_images, "image_generation")
         return await self._generate(payload, response_format)
 
     @app.post("/v1/images/edits")
@@ -275,6 +334,7 @@ class ImageApi:
                 raise ApiError(400, key, f"{key}: must be a form field, not a file")
         payload, response_format = parse_fields(fields, EDIT_FIELDS, self.limits, self._image_size(),
                                                 from_text=True)
+        partial_images = parse_stream(fields, response_format, from_text=True)
         if not files:
             raise ApiError(400, "image", "image: an edit needs at least one input image file")
         if len(files) > self.limits.max_input_images:
@@ -287,6 +347,8 @@ class ImageApi:
             images.append(data)
         payload["input_images"] = images
         await self._admit(key, payload.get("parallel_size", 1))
+        if partial_images is not None:
+            return await self._stream(payload, partial_images, "image_edit")
         return await self._generate(payload, response_format)
 
     async def _generate(self, payload: dict[str, Any], response_format: str) -> Response:
@@ -295,10 +357,7 @@ class ImageApi:
         except BackPressureError:
             return self._overloaded()
         if "error" in result:
-            error = result["error"]
-            param = error["param"].removeprefix("input_images").replace("parallel_size", "n")
-            param = f"image{param}" if error["param"].startswith("input_images") else param
-            raise ApiError(400, param, error["message"])
+            raise model_error(result["error"])
         self.last_model = result["model"]
         headers = {"X-Seed": str(result["seed"]), "X-Model-Version": str(result["model"]["version"])}
         if response_format == "png":
@@ -309,6 +368,42 @@ class ImageApi:
             "seed": result["seed"],
             "model": result["model"],
         }, headers=headers)
+
+    async def _stream(self, payload: dict[str, Any], partial_images: int, kind: str) -> Response:
+        """Server-sent events `<kind>.partial_image` (each image's partial images as they arrive)
+        then `<kind>.completed` (one per image; `image_index` says which of `n`).
+
+        The request is checked before the stream opens, so a bad one is still a 4xx.
+        """
+        stream = self.model.options(stream=True).generate_stream.remote(payload, partial_images)
+        try:
+            first = await stream.__anext__()
+        except BackPressureError:
+            return self._overloaded()
+        if "error" in first:
+            raise model_error(first["error"])
+        accepted = first["accepted"]
+        side = accepted["image_size"]
+        common = {"background": "opaque", "output_format": "png", "quality": "auto", "size": f"{side}x{side}"}
+
+        async def events():
+            async for item in stream:
+                now = int(time.time())
+                if "partial" in item:
+                    for index, png in enumerate(item["images"]):
+                        yield sse_event(f"{kind}.partial_image", {
+                            **common, "b64_json": base64.b64encode(png).decode("ascii"), "created_at": now,
+                            "partial_image_index": item["partial"], "image_index": index, "rows": item["rows"]})
+                elif "images" in item:
+                    self.last_model = item["model"]
+                    for index, png in enumerate(item["images"]):
+                        yield sse_event(f"{kind}.completed", {
+                            **common, "b64_json": base64.b64encode(png).decode("ascii"), "created_at": now,
+                            "image_index": index, "seed": item["seed"], "usage": accepted["usage"],
+                            "model": item["model"]})
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"X-Seed": str(accepted["seed"]), "Cache-Control": "no-cache"})
 
     def _authorize(self, request: Request) -> str:
         """The id of the request's API key (the body is not read).

@@ -21,7 +21,7 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, AsyncIterator
 
 from ray import serve
 
@@ -34,6 +34,7 @@ from janus_lab.generation.loading import (
     resolve_model_uri,
 )
 from janus_lab.generation.offline import resolve_device_and_dtype
+from janus_lab.generation.progress import RequestProgress
 from janus_lab.generation.requests import validate_request
 from janus_lab.model.weights import load_pretrained
 from janus_lab.serving.settings import ModelUserConfig, ServeArgs
@@ -56,6 +57,8 @@ class LoadedModel:
     folder: str | None
     """The downloaded registry artifacts, removed when the model is replaced."""
     loaded_at: float
+    run_url: str | None = None
+    """The MLflow UI page of the version's run, when the tracking server is reachable over HTTP."""
 
     def describe(self) -> dict[str, Any]:
         version = self.version
@@ -91,7 +94,42 @@ def load_model(args: ServeArgs, max_batch_size: int) -> LoadedModel:
                 shutil.rmtree(folder, ignore_errors=True)
             raise
     engine = GenerationEngine.from_bundle(bundle, limits=limits, compile_step=args.compile and device.type == "cuda")
-    return LoadedModel(engine=engine, source=source, version=version, folder=folder, loaded_at=time.time())
+    return LoadedModel(engine=engine, source=source, version=version, folder=folder, loaded_at=time.time(),
+                       run_url=run_url(version))
+
+
+def run_url(version: RegisteredVersion | None) -> str | None:
+    """`<tracking server>/#/experiments/<id>/runs/<run id>` of a registered version's run, or None
+    (no run, or a tracking URI that is not an HTTP server a browser could open)."""
+    if version is None or not version.run_id:
+        return None
+    import mlflow
+    from mlflow import MlflowClient
+
+    uri = mlflow.get_tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return None
+    try:
+        experiment = MlflowClient().get_run(version.run_id).info.experiment_id
+    except Exception:  # noqa: BLE001 - a link is a nicety; serving must not fail for it
+        logger.warning("could not read run %s from %s: no run link", version.run_id, uri)
+        return None
+    return f"{uri.rstrip('/')}/#/experiments/{experiment}/runs/{version.run_id}"
+
+
+def usage(prepared: PreparedRequest, num_image_tokens: int) -> dict[str, Any]:
+    """Tokens in and out, in the shape of the OpenAI Images API's `usage` (each input image
+    takes its SigLIP and its VQ slots)."""
+    image_tokens = 2 * num_image_tokens * len(prepared.images)
+    output = num_image_tokens * prepared.request.parallel_size
+    return {"input_tokens": prepared.prefix_length, "output_tokens": output,
+            "total_tokens": prepared.prefix_length + output,
+            "input_tokens_details": {"text_tokens": prepared.prefix_length - image_tokens,
+                                     "image_tokens": image_tokens}}
+
+
+def _partial_pngs(engine: GenerationEngine, codes, rows: int) -> list[bytes]:
+    return [encode_png(image) for image in engine.decode_partial(codes, rows)]
 
 
 def encode_png(image) -> bytes:
@@ -129,8 +167,9 @@ class ImageModel:
             self._poller = asyncio.get_running_loop().create_task(self._follow_alias())
 
     async def info(self) -> dict[str, Any]:
-        """What this replica serves."""
-        return self.current.describe()
+        """What this replica serves, with its sampling defaults (what the playground fills in)."""
+        return {**self.current.describe(), "run_url": self.current.run_url,
+                "defaults": dataclasses.asdict(self.args.defaults)}
 
     async def generate(self, payload: dict[str, Any]) -> dict[str, Any]:
         """Checks one request, then generates it in a batch with whatever else is waiting.
@@ -143,6 +182,64 @@ class ImageModel:
             `{"images": [PNG bytes], "seed": int, "model": {...}}`, or `{"error": {"param",
             "message"}}` for a request that fails a check (nothing generated).
         """
+        checked = await self._check(payload)
+        if isinstance(checked, dict):
+            return checked
+        return await self._run_batch((checked, None))
+
+    async def generate_stream(self, payload: dict[str, Any], partial_images: int = 0) -> AsyncIterator[dict[str, Any]]:
+        """`generate`, watched: yields what the request has become as the batch goes on.
+
+        A streaming request joins the same `@serve.batch` CFG batch as the others. If the caller
+        goes away before the end (a client that disconnects), the request's rows leave the batch
+        at the next step and the others go on unchanged.
+
+        Yields:
+            First `{"accepted": {"seed", "usage", "image_size"}}` (or `{"error": ...}` and nothing else); then
+            `{"partial": i, "rows": r, "images": [PNG bytes]}` for each of the `partial_images`
+            (0-3) partial images; last `generate`'s result.
+        """
+        checked = await self._check(payload)
+        if isinstance(checked, dict):
+            yield checked
+            return
+        loop = asyncio.get_running_loop()
+        arrived: asyncio.Queue = asyncio.Queue()
+        label = f"request seed={checked.seed} prompt={checked.request.prompt[:40]!r}"
+        progress = RequestProgress(
+            partial_images=partial_images,
+            on_partial=lambda index, codes, rows: loop.call_soon_threadsafe(arrived.put_nowait, (index, codes, rows)),
+            on_freed=lambda step, rows: logger.info("%s: its client left; its %d rows left the batch at step %d",
+                                                    label, rows, step))
+        engine = self.current.engine
+        batch = asyncio.ensure_future(self._run_batch((checked, progress)))
+        batch.add_done_callback(lambda task: task.cancelled() or task.exception())  # retrieved, never lost
+        done = False
+        try:
+            yield {"accepted": {"seed": checked.seed, "usage": usage(checked, engine.num_image_tokens),
+                                "image_size": engine.image_size}}
+            while True:
+                waiting = asyncio.ensure_future(arrived.get())
+                await asyncio.wait({waiting, batch}, return_when=asyncio.FIRST_COMPLETED)
+                if not waiting.done():
+                    waiting.cancel()
+                    break
+                index, codes, rows = waiting.result()
+                yield {"partial": index, "rows": rows,
+                       "images": await asyncio.to_thread(_partial_pngs, engine, codes, rows)}
+            while not arrived.empty():  # partials that arrived together with the end
+                index, codes, rows = arrived.get_nowait()
+                yield {"partial": index, "rows": rows,
+                       "images": await asyncio.to_thread(_partial_pngs, engine, codes, rows)}
+            done = True
+            yield await batch
+        finally:
+            if not done:
+                progress.cancelled.set()
+                logger.info("%s: the stream was closed before the image was done; freeing its rows", label)
+
+    async def _check(self, payload: dict[str, Any]) -> PreparedRequest | dict[str, Any]:
+        """The request, checked and ready for the engine; or `{"error": {"param", "message"}}`."""
         unknown = sorted(set(payload) - set(PAYLOAD_FIELDS))
         if unknown:
             return {"error": {"param": unknown[0], "message": f"{unknown[0]}: unknown field"}}
@@ -150,22 +247,27 @@ class ImageModel:
         request = GenerationRequest(**{**defaults, **payload})
         engine = self.current.engine
         try:
-            prepared = await asyncio.to_thread(validate_request, request, engine.limits, engine.builder,
-                                               engine.max_sequence_length)
+            return await asyncio.to_thread(validate_request, request, engine.limits, engine.builder,
+                                           engine.max_sequence_length)
         except GenerationRequestError as err:
             return {"error": {"param": err.field, "message": str(err)}}
-        return await self._run_batch(prepared)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
-    async def _run_batch(self, batch: list[PreparedRequest]) -> list[dict[str, Any]]:
+    async def _run_batch(self, batch: list[tuple[PreparedRequest, RequestProgress | None]]) -> list[dict[str, Any]]:
         current = self.current  # a swap during this batch does not touch it
         return await asyncio.to_thread(self._generate_and_encode, current, batch)
 
     @staticmethod
-    def _generate_and_encode(current: LoadedModel, batch: list[PreparedRequest]) -> list[dict[str, Any]]:
-        results = current.engine.generate_prepared(batch)
+    def _generate_and_encode(current: LoadedModel,
+                             batch: list[tuple[PreparedRequest, RequestProgress | None]]) -> list[dict[str, Any]]:
+        streaming = sum(watch is not None for _, watch in batch)
+        if streaming:
+            logger.info("generating a batch of %d requests, %d of them streaming", len(batch), streaming)
+        results = current.engine.generate_prepared([item for item, _ in batch],
+                                                   progress=[watch for _, watch in batch])
         model = current.describe()
-        return [{"images": [encode_png(image) for image in result.images], "seed": result.seed, "model": model}
+        return [{"cancelled": True} if result.cancelled else
+                {"images": [encode_png(image) for image in result.images], "seed": result.seed, "model": model}
                 for result in results]
 
     async def _follow_alias(self) -> None:
