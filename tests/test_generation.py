@@ -27,6 +27,7 @@ from janus_lab.generation import (
     GenerationLimits,
     GenerationRequest,
     GenerationRequestError,
+    PreparedRequest,
     filter_top_k,
     filter_top_p,
     image_seed,
@@ -103,6 +104,46 @@ def reference_generate(bundle, request: GenerationRequest, seed: int) -> torch.T
     return torch.tensor(images)
 
 
+@torch.no_grad()
+def published_generate(bundle, request: GenerationRequest) -> torch.Tensor:
+    """The published Janus / Janus-4o inference loop, greedy: `parallel_size` images of one prompt
+    in one batch, every image with its own CFG rows (cond, uncond; editing: full, part, uncond),
+    all rows prefilled, a dynamic cache, eager. Returns (parallel_size, N) codes.
+
+    The baseline a user would otherwise run (benchmarks/generate.py): greedy, so that it can be
+    compared code for code (the published loop samples with `torch.multinomial`)."""
+    model, n = bundle.model, bundle.num_image_tokens
+    core = model.model
+    device = next(model.parameters()).device
+    builder = SequenceBuilder(bundle.processor.tokenizer, n)
+    pixels = [image_to_tensor(Image.open(io.BytesIO(x)) if isinstance(x, bytes) else x, bundle.image_size)
+              for x in request.input_images]
+    if pixels:
+        full = builder.prefix(request.prompt, input_codes=encode_vq_codes(model, torch.stack(pixels)).tolist())
+        kinds = [full, builder.partial(full), builder.unconditional(full)]
+    else:
+        cond = builder.prefix(request.prompt)
+        kinds = [cond, builder.unconditional(cond)]
+    rows = kinds * request.parallel_size  # image j owns rows j*K .. j*K+K-1
+    input_ids = torch.tensor([r.input_ids for r in rows], device=device)
+    gen_codes = torch.tensor([r.gen_codes for r in rows], device=device)
+    pixel_values = torch.stack([p for r in rows for p in pixels[:r.num_input_images]]).to(device) if pixels else None
+    w, w2, k = request.cfg_weight, request.cfg_weight2, len(kinds)
+    cache = DynamicCache(config=core.language_model.config)
+    embeds = embed_inputs(model, input_ids, gen_codes, pixel_values)
+    codes = []
+    for _ in range(n):
+        hidden = core.language_model(inputs_embeds=embeds, use_cache=True,
+                                     **{cache_kwarg(core.language_model): cache}).last_hidden_state[:, -1]
+        logits = core.generation_head(hidden).float()
+        c = (logits[0::k] + w2 * logits[1::k]) / (1 + w2) if pixels else logits[0::k]
+        u = logits[k - 1::k]
+        code = (u + w * (c - u)).argmax(dim=-1)  # (parallel_size,)
+        codes.append(code)
+        embeds = model.prepare_embeddings_for_image_generation(code.repeat_interleave(k)).unsqueeze(1)
+    return torch.stack(codes, dim=1).cpu()
+
+
 # --------------------------------------------------------------------------- fixtures
 
 
@@ -164,6 +205,33 @@ def test_batched_engine_equals_reference(bundle, batched, name):
     assert result.codes.shape == (request.parallel_size, N)
     assert result.seed == request.seed
     assert torch.equal(result.codes, expected), f"{name}: {result.codes.tolist()} != {expected.tolist()}"
+
+
+def test_the_engine_equals_the_published_batched_loop_under_greedy_decoding(bundle, engine):
+    requests = [GenerationRequest("a red circle", parallel_size=3, temperature=0, seed=1),
+                GenerationRequest("put the cat next to the dog", input_images=[picture(2), picture(3)],
+                                  parallel_size=2, temperature=0, cfg_weight=3.0, cfg_weight2=2.0, seed=2)]
+    for request, result in zip(requests, engine.generate(requests, decode_images=False)):
+        assert torch.equal(result.codes, published_generate(bundle, request)), request.prompt
+
+
+def test_requests_of_one_prefix_length_share_one_unconditional_prefill_row(engine):
+    same_length = [GenerationRequest(p, seed=i) for i, p in enumerate(["a red circle", "a red square", "a big circle"])]
+    lengths = {len(engine.builder.prefix(r.prompt)) for r in same_length}
+    assert len(lengths) == 1  # the check below needs prompts of one token length
+    batch = engine.build_cfg_batch(engine.validate(same_length + [GenerationRequest("a dog on a long walk", seed=9)]))
+    assert batch.prefill_embeds.shape[0] == 4 + 2  # 4 conditional rows, 2 unconditional (two lengths)
+    assert batch.num_rows == 8
+
+
+def test_text_to_image_and_edits_decode_in_separate_length_groups(engine, bundle):
+    # Prefix lengths at 384 px: text-to-image tens of tokens, edits 1 + 2 x 576 per input image.
+    lengths = [10, 22, 1170, 2330, 11, 1190]
+    prepared = [PreparedRequest(GenerationRequest("x"), prefix_length=n) for n in lengths]
+    assert engine.length_groups(prepared) == [[0, 1, 4], [2, 3, 5]]  # 2330 <= 2 x 1170 + slack
+    assert GenerationEngine.from_bundle(bundle, static_cache=True).length_groups(prepared) == [list(range(6))]
+    # The mixed BATCH (64 px, where edits are short) is one group or several: results equal either way
+    # (test_batched_engine_equals_reference).
 
 
 def test_static_cache_path_equals_dynamic(bundle, batched):

@@ -47,6 +47,8 @@ from janus_lab.model.vq import decode_vq_codes, encode_vq_codes, image_to_tensor
 # captured CUDA graph) instead of compiling a new one per call.
 ROW_BUCKET = 4
 LENGTH_BUCKET = 128
+LENGTH_GROUP_SLACK = 64
+"""Tokens a prefix may exceed twice its group's shortest by before it starts a new group."""
 
 
 @dataclass
@@ -94,11 +96,15 @@ class GenerationEngine:
         static_cache: decode on a preallocated static KV cache; None: only on CUDA.
         compile_step: compile the per-token step with `torch.compile(mode="reduce-overhead")`
             (needs the static cache; meant for CUDA, where it captures CUDA graphs).
+        length_groups: decode requests of very different prefix lengths as separate batches
+            (`length_groups`); off, one batch pads everything to the longest (benchmarks).
+        share_unconditional: requests of one prefix length share one prefilled unconditional
+            row; off, every request prefills its own (benchmarks).
     """
 
     def __init__(self, model: JanusForConditionalGeneration, tokenizer, *, image_size: int, num_image_tokens: int,
                  limits: GenerationLimits = GenerationLimits(), static_cache: bool | None = None,
-                 compile_step: bool = False):
+                 compile_step: bool = False, length_groups: bool = True, share_unconditional: bool = True):
         self.model = model
         self.limits = limits
         self.image_size = image_size
@@ -109,6 +115,8 @@ class GenerationEngine:
         if compile_step and not self.static_cache:
             raise ValueError("compile_step needs static_cache: a growing cache changes shapes every step")
         self.compile_step = compile_step
+        self.group_by_length = length_groups
+        self.share_unconditional = share_unconditional
         self.max_sequence_length = int(model.config.text_config.max_position_embeddings)
         self._cache_kwarg = cache_kwarg(model.model.language_model)
         self._step = torch.compile(self._decode_step, mode="reduce-overhead", dynamic=False) \
@@ -161,26 +169,49 @@ class GenerationEngine:
         Returns:
             One result per request, in order; a request whose watcher left is `cancelled`.
         """
+        progress = list(progress or [None] * len(prepared))
         # Every module's own mode is restored (not model.train(), which would also flip the
         # frozen VQ tokenizer into training mode).
         modes = [(module, module.training) for module in self.model.modules()]
         self.model.eval()
+        results: list[GenerationResult | None] = [None] * len(prepared)
         try:
-            batch = self.build_cfg_batch(prepared)
-            codes, cancelled = self._decode(batch, list(progress or []))
-            codes = codes.cpu()
+            for group in self.length_groups(prepared):
+                batch = self.build_cfg_batch([prepared[i] for i in group])
+                codes, cancelled = self._decode(batch, [progress[i] for i in group])
+                codes = codes.cpu()
+                for g, (i, images) in enumerate(zip(group, batch.request_images)):
+                    item, request_codes = prepared[i], codes[images.start:images.stop]
+                    if g in cancelled:
+                        results[i] = GenerationResult(codes=request_codes, images=[], seed=item.seed, cancelled=True)
+                        continue
+                    pictures = tensor_to_images(decode_vq_codes(self.model, request_codes)) if decode_images else []
+                    results[i] = GenerationResult(codes=request_codes, images=pictures, seed=item.seed)
         finally:
             for module, training in modes:
                 module.training = training
-        results = []
-        for r, (item, images) in enumerate(zip(prepared, batch.request_images)):
-            request_codes = codes[images.start:images.stop]
-            if r in cancelled:
-                results.append(GenerationResult(codes=request_codes, images=[], seed=item.seed, cancelled=True))
-                continue
-            pictures = tensor_to_images(decode_vq_codes(self.model, request_codes)) if decode_images else []
-            results.append(GenerationResult(codes=request_codes, images=pictures, seed=item.seed))
         return results
+
+    def length_groups(self, prepared: Sequence[PreparedRequest]) -> list[list[int]]:
+        """Requests split into batches of similar prefix length, each decoded on its own cache.
+
+        One batch is left-padded to its longest prefix, and every step of every row attends over
+        that padding. A text-to-image prefix is tens of tokens and an edit's over a thousand (its
+        input images' SigLIP and VQ slots), so in one batch the text-to-image rows would pay for
+        the edits' length at every step. A new group starts where a prefix is more than twice the
+        group's shortest plus LENGTH_GROUP_SLACK tokens. The static cache (CUDA graphs) keeps one
+        batch: its shapes are what its captured graphs are for.
+        """
+        order = sorted(range(len(prepared)), key=lambda i: prepared[i].prefix_length)
+        if self.static_cache or not self.group_by_length or not order:
+            return [list(range(len(prepared)))]
+        groups, shortest = [[order[0]]], prepared[order[0]].prefix_length
+        for i in order[1:]:
+            if prepared[i].prefix_length > 2 * shortest + LENGTH_GROUP_SLACK:
+                groups.append([])
+                shortest = prepared[i].prefix_length
+            groups[-1].append(i)
+        return [sorted(group) for group in groups]
 
     @torch.inference_mode()
     def decode_partial(self, codes: torch.Tensor, rows: int) -> list[Image.Image]:
@@ -280,6 +311,7 @@ class GenerationEngine:
         row_source, row_image, cond_rows, uncond_rows, part_rows = [], [], [], [], []
         images: list[ImageSampling] = []
         request_images: list[range] = []
+        shared_uncond: dict[int, int] = {}  # prefix length -> its unconditional row in `distinct`
         next_input = 0
         for item in prepared:
             request, k = item.request, len(item.images)
@@ -289,14 +321,23 @@ class GenerationEngine:
             first = self.builder.prefix(request.prompt, input_codes=codes)
             kinds = [first, self.builder.partial(first), self.builder.unconditional(first)] if k else \
                 [first, self.builder.unconditional(first)]
-            base = len(distinct)
-            for sample in kinds:
+            sources = []
+            for index, sample in enumerate(kinds):
+                # An unconditional row is BOS, <pad> x L, <boi>: it depends on the prefix length
+                # only, so every request of that length shares one prefilled row.
+                key = len(sample) if index == len(kinds) - 1 and self.share_unconditional else None
+                if key is not None and key in shared_uncond:
+                    sources.append(shared_uncond[key])
+                    continue
+                if key is not None:
+                    shared_uncond[key] = len(distinct)
+                sources.append(len(distinct))
                 distinct.append(sample)
                 distinct_pixels.extend(pixels[:sample.num_input_images])
             request_images.append(range(len(images), len(images) + request.parallel_size))
             for j in range(request.parallel_size):
                 rows = list(range(len(row_source), len(row_source) + len(kinds)))
-                row_source.extend(base + r for r in range(len(kinds)))
+                row_source.extend(sources)
                 row_image.extend([len(images)] * len(kinds))
                 cond_rows.append(rows[0])
                 uncond_rows.append(rows[-1])

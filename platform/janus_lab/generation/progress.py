@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-from PIL import Image
 
 MAX_PARTIAL_IMAGES = 3
 """What the OpenAI Images API allows for `partial_images`."""
