@@ -84,6 +84,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="time the one-at-a-time loop on this many requests of each row (default 2); "
                              "it runs one image at a time, so its images/s does not depend on the batch size")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ablate", action="store_true",
+                        help="instead of the table: the engine with each of its CPU changes off against on, "
+                             "alternating in one process (length groups on the mix rows, the shared "
+                             "unconditional prefill on the t2i rows: prefill alone and whole batch)")
     parser.add_argument("--no-length-groups", action="store_true",
                         help="engine: one batch padded to the longest prefix (what it did before length groups)")
     parser.add_argument("--no-shared-uncond", action="store_true",
@@ -138,6 +142,44 @@ def input_picture(seed: int, side: int):
     return Image.fromarray(torch.randint(0, 256, (side, side, 3), generator=generator, dtype=torch.uint8).numpy())
 
 
+def ablate(bundle, sizes: list[int], t2i, edits, repeats: int = 2) -> None:
+    """Each engine change off vs on, alternating on the same batch; medians of `repeats`."""
+    import statistics
+
+    def engine(**flags) -> GenerationEngine:
+        return GenerationEngine.from_bundle(bundle, limits=GenerationLimits(max_batch_images=max(sizes)), **flags)
+
+    def prefill(eng: GenerationEngine, batch) -> tuple[int, float]:
+        start = time.perf_counter()
+        with torch.inference_mode():
+            cfg = eng.build_cfg_batch(eng.validate(batch))
+            bundle.model.model.language_model(inputs_embeds=cfg.prefill_embeds, attention_mask=cfg.prefill_mask,
+                                              position_ids=cfg.prefill_positions)
+        return cfg.prefill_embeds.shape[0], time.perf_counter() - start
+
+    print(f"{'change':>22} {'row':>4} {'B':>3} {'off s':>8} {'on s':>8} {'off/on':>7}")
+    for size in sizes:
+        cases = [("length groups", "mix", t2i(size // 2, 7000) + edits(size - size // 2, 8000), "length_groups"),
+                 ("shared uncond", "t2i", t2i(size, 9000), "share_unconditional")]
+        for name, row, batch, flag in cases:
+            off, on = engine(**{flag: False}), engine()
+            timings = {"off": [], "on": []}
+            prefills = {}
+            for _ in range(repeats):
+                for label, eng in (("off", off), ("on", on)):
+                    if flag == "share_unconditional":
+                        prefills[label] = prefill(eng, batch)
+                    start = time.perf_counter()
+                    eng.generate(batch, decode_images=False)
+                    timings[label].append(time.perf_counter() - start)
+            a, b = statistics.median(timings["off"]), statistics.median(timings["on"])
+            print(f"{name:>22} {row:>4} {size:>3} {a:>8.2f} {b:>8.2f} {a / b:>6.2f}x", flush=True)
+            if prefills:
+                (rows_off, s_off), (rows_on, s_on) = prefills["off"], prefills["on"]
+                print(f"{'  prefill alone':>22} {row:>4} {size:>3} {s_off:>8.3f} {s_on:>8.3f} {s_off / s_on:>6.2f}x"
+                      f"  ({rows_off} -> {rows_on} prefilled rows)", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
@@ -154,16 +196,21 @@ def main(argv: list[str] | None = None) -> int:
                                           length_groups=not args.no_length_groups,
                                           share_unconditional=not args.no_shared_uncond)
     settings = {"temperature": args.temperature, "cfg_weight": 5.0, "cfg_weight2": 1.5}
-    picture = input_picture(1, bundle.image_size)
+    side = bundle.image_size
 
     def t2i(count: int, offset: int) -> list[GenerationRequest]:
         return [GenerationRequest(PROMPTS[i % len(PROMPTS)], seed=args.seed + offset + i, **settings)
                 for i in range(count)]
 
     def edits(count: int, offset: int) -> list[GenerationRequest]:
-        return [GenerationRequest(f"make it {EDITS[i % len(EDITS)]}", input_images=[picture],
+        # Every edit has its own input image, as different users' edits do.
+        return [GenerationRequest(f"make it {EDITS[i % len(EDITS)]}", input_images=[input_picture(offset + i, side)],
                                   seed=args.seed + offset + i, **settings) for i in range(count)]
 
+    if args.ablate:
+        print(f"# {args.preset} ({bundle.image_size} px, N={n} codes): engine changes off vs on, greedy")
+        ablate(bundle, [s for s in sizes if s > 1], t2i, edits)
+        return 0
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     mode = "static cache + torch.compile" if compile_step else \
         f"eager, {'static' if engine.static_cache else 'dynamic'} cache"

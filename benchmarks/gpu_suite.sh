@@ -49,7 +49,9 @@ for part in "${parts[@]}"; do
             --device cuda --task t2i --batch 8 --micro-batch 4 --steps 5 --baseline-steps 1
         ;;
     generate)
-        # The reference loop runs one request at a time: timing its first 2 requests per batch is enough.
+        # Three columns per batch size: the published batched loop (B images of one prompt), the
+        # one-at-a-time reference loop (its first 2 requests per row are enough: its images/s does
+        # not depend on B) and the engine; greedy, so codes are compared with both.
         step generate_7b 540 python3 benchmarks/generate.py --preset janus-pro-7b --device cuda --dtype bfloat16 \
             --batch-sizes 1,4,16,64 --reference-images 2
         ;;

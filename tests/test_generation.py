@@ -224,14 +224,28 @@ def test_requests_of_one_prefix_length_share_one_unconditional_prefill_row(engin
     assert batch.num_rows == 8
 
 
-def test_text_to_image_and_edits_decode_in_separate_length_groups(engine, bundle):
+def test_text_to_image_and_edits_decode_in_separate_length_groups_when_it_spares_enough_padding(engine, bundle):
     # Prefix lengths at 384 px: text-to-image tens of tokens, edits 1 + 2 x 576 per input image.
-    lengths = [10, 22, 1170, 2330, 11, 1190]
-    prepared = [PreparedRequest(GenerationRequest("x"), prefix_length=n) for n in lengths]
-    assert engine.length_groups(prepared) == [[0, 1, 4], [2, 3, 5]]  # 2330 <= 2 x 1170 + slack
-    assert GenerationEngine.from_bundle(bundle, static_cache=True).length_groups(prepared) == [list(range(6))]
-    # The mixed BATCH (64 px, where edits are short) is one group or several: results equal either way
-    # (test_batched_engine_equals_reference).
+    def requests(n_images):
+        lengths = [10, 22, 1170, 2330, 11, 1190]
+        return [PreparedRequest(GenerationRequest("x", parallel_size=n_images), prefix_length=n) for n in lengths]
+
+    # 3 text-to-image requests x 8 images x 2 rows x ~1,200 padded tokens: worth a batch of their own.
+    assert engine.length_groups(requests(8)) == [[0, 1, 4], [2, 3, 5]]  # 2330 <= 2 x 1170 + slack
+    # One image each: 6 rows x ~1,200 tokens of padding cost less than a second decode loop.
+    assert engine.length_groups(requests(1)) == [list(range(6))]
+    static = GenerationEngine.from_bundle(bundle, static_cache=True)
+    assert static.length_groups(requests(8)) == [list(range(6))]
+
+
+def test_results_do_not_depend_on_how_the_batch_is_split_into_length_groups(monkeypatch, engine, batched):
+    import janus_lab.generation.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "LENGTH_GROUP_MIN_PADDING", 0)  # split wherever lengths differ 2x
+    prepared = engine.validate(list(BATCH.values()))
+    assert len(engine.length_groups(prepared)) == 2
+    for name, result in zip(BATCH, engine.generate_prepared(prepared, decode_images=False)):
+        assert torch.equal(result.codes, batched[name].codes), name
 
 
 def test_static_cache_path_equals_dynamic(bundle, batched):

@@ -26,6 +26,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 from PIL import Image
 from transformers import DynamicCache, JanusForConditionalGeneration, StaticCache
+from transformers.cache_utils import DynamicLayer
 
 from janus_lab.generation.progress import PARTIAL_FILL, RequestProgress, fill_unfinished
 from janus_lab.generation.requests import (
@@ -49,6 +50,8 @@ ROW_BUCKET = 4
 LENGTH_BUCKET = 128
 LENGTH_GROUP_SLACK = 64
 """Tokens a prefix may exceed twice its group's shortest by before it starts a new group."""
+LENGTH_GROUP_MIN_PADDING = 32 * 1024
+"""Padded row-tokens a separate batch must spare to be worth its own decode loop (CPU, measured)."""
 
 
 @dataclass
@@ -197,9 +200,12 @@ class GenerationEngine:
 
         One batch is left-padded to its longest prefix, and every step of every row attends over
         that padding. A text-to-image prefix is tens of tokens and an edit's over a thousand (its
-        input images' SigLIP and VQ slots), so in one batch the text-to-image rows would pay for
-        the edits' length at every step. A new group starts where a prefix is more than twice the
-        group's shortest plus LENGTH_GROUP_SLACK tokens. The static cache (CUDA graphs) keeps one
+        input images' SigLIP and VQ slots), so in one batch the text-to-image rows pay for the
+        edits' length at every step; a second batch pays its own per-step overhead instead. A new
+        group starts where a prefix is more than twice the group's shortest plus
+        LENGTH_GROUP_SLACK tokens, and only when the padding it spares (rows x tokens) is at least
+        LENGTH_GROUP_MIN_PADDING: measured on the CPU, splitting lost at 16 rows x ~1,160 padded
+        tokens and won at 64 rows (docs/PERFORMANCE.md). The static cache (CUDA graphs) keeps one
         batch: its shapes are what its captured graphs are for.
         """
         order = sorted(range(len(prepared)), key=lambda i: prepared[i].prefix_length)
@@ -211,7 +217,17 @@ class GenerationEngine:
                 groups.append([])
                 shortest = prepared[i].prefix_length
             groups[-1].append(i)
-        return [sorted(group) for group in groups]
+        merged = [groups[-1]]
+        for group in reversed(groups[:-1]):  # from the longest down: is a separate batch worth it?
+            rows = sum(prepared[i].request.parallel_size * (3 if prepared[i].images else 2) for i in group)
+            longest = max(prepared[i].prefix_length for i in merged[-1])
+            spared = sum(prepared[i].request.parallel_size * (3 if prepared[i].images else 2)
+                         * (longest - prepared[i].prefix_length) for i in group)
+            if rows and spared < LENGTH_GROUP_MIN_PADDING:
+                merged[-1] = group + merged[-1]
+            else:
+                merged.append(group)
+        return sorted(sorted(group) for group in merged)
 
     @torch.inference_mode()
     def decode_partial(self, codes: torch.Tensor, rows: int) -> list[Image.Image]:
@@ -389,8 +405,9 @@ class GenerationEngine:
         if self.static_cache:
             cache, rows, capacity = self._static_cache_from(prefill_cache, batch)
         else:
+            # Distinct rows -> every image's rows, into buffers reserved for the whole image.
             cache, capacity = prefill_cache, length + n
-            cache.batch_select_indices(batch.row_source)  # distinct rows -> every image's rows
+            cache.layers = [_ReservedLayer(layer, batch.row_source, capacity) for layer in cache.layers]
         # Padding is on the left, so one mask serves every step: a growing cache reads a prefix of
         # it, a static one reads all of it (causality hides the slots not written yet).
         full_mask = torch.ones((rows, capacity), dtype=torch.long, device=self.device)
@@ -462,6 +479,47 @@ class GenerationEngine:
         for static_layer, layer in zip(cache.layers, prefill_cache.layers):
             static_layer.update(layer.keys.index_select(0, source), layer.values.index_select(0, source))
         return cache, rows, capacity
+
+
+class _ReservedLayer(DynamicLayer):
+    """A growing cache layer whose keys and values live in buffers reserved for the whole image.
+
+    transformers' DynamicLayer concatenates every step, which allocates and copies the whole
+    cache each time; on the CPU that was half of a 384 px batch's time (`aten::cat`, profiled:
+    docs/PERFORMANCE.md). Here a step writes its keys and values in place, and attention reads a
+    view of the filled part, the same values as before.
+
+    Args:
+        layer: the prefilled layer (distinct rows).
+        rows: for every generation row, the distinct row it starts from.
+        capacity: positions to reserve (prefix + codes).
+    """
+
+    def __init__(self, layer: DynamicLayer, rows: torch.Tensor, capacity: int):
+        super().__init__()
+        keys, values = layer.keys.index_select(0, rows), layer.values.index_select(0, rows)
+        self.length = keys.shape[-2]
+        shape = (*keys.shape[:2], capacity, keys.shape[-1])
+        self._keys, self._values = keys.new_empty(shape), values.new_empty(shape)
+        self._keys[:, :, :self.length] = keys
+        self._values[:, :, :self.length] = values
+        self.device, self.is_initialized = keys.device, True
+        self._expose()
+
+    def _expose(self) -> None:
+        self.keys, self.values = self._keys[:, :, :self.length], self._values[:, :, :self.length]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        end = self.length + key_states.shape[-2]
+        self._keys[:, :, self.length:end] = key_states
+        self._values[:, :, self.length:end] = value_states
+        self.length = end
+        self._expose()
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._keys, self._values = self._keys[indices], self._values[indices]
+        self._expose()
 
 
 class _Watch:
