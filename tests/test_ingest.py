@@ -481,6 +481,27 @@ def test_fingerprint_follows_the_vq_weights_not_the_dtype():
     assert vq_fingerprint(a.model, tokenizer) == vq_fingerprint(a_bf16.model, tokenizer)
 
 
+def test_fingerprint_follows_what_makes_the_codes_and_not_the_decoder():
+    import torch
+
+    from janus_lab.model import debug
+
+    a = debug(seed=1)
+    tokenizer = a.processor.tokenizer
+    before = vq_fingerprint(a.model, tokenizer)
+    vq = a.model.model.vqmodel
+    with torch.no_grad():
+        vq.decoder.conv_out.weight.add_(1.0)  # a retrained decoder: same codes, other pixels
+        vq.post_quant_conv.bias.add_(1.0)
+    assert vq_fingerprint(a.model, tokenizer) == before
+    for part in (vq.encoder.conv_in.weight, vq.quant_conv.weight, vq.quantize.embedding.weight):
+        with torch.no_grad():
+            part.add_(1e-3)
+        assert vq_fingerprint(a.model, tokenizer) != before, part.shape
+        with torch.no_grad():
+            part.sub_(1e-3)
+
+
 def test_writer_writes_good_rows_and_reports_rejects(tmp_path):
     good = {"id": "a", "task": "ti2i", "prompt": "p", "output_codes": [1] * 16, "input_codes": [[2] * 16],
             "input_pixels": [b"png"], "source": "jsonl:r.jsonl", "split": "val", "source_file": "r.jsonl",

@@ -60,6 +60,26 @@ def evaluate_world(engine: GenerationEngine, records: list[WorldRecord] | None =
     return WorldEvaluation(summarise(scores), chance_scores(records), copy_input_scores(records), scores, images)
 
 
+def use_shipped_decoder(bundle, label: str) -> None:
+    """Puts the shipped mini tokenizer's decoder (codes -> pixels) into `bundle`'s VQ tokenizer.
+
+    Raises:
+        ValueError: the model's codes come from another tokenizer (its code fingerprint differs
+            from the shipped one's), so the shipped decoder would draw the wrong patches.
+    """
+    from janus_lab.data.ingest import vq_fingerprint
+    from janus_lab.miniature.assets import load_mini_vq
+
+    shipped = load_mini_vq()
+    tokenizer = bundle.processor.tokenizer
+    if vq_fingerprint(bundle.model, tokenizer) != vq_fingerprint(shipped, tokenizer):
+        raise ValueError(f"{label}: its VQ codes come from another tokenizer than the shipped mini one; "
+                         "decoder=mini only redraws codes of the same tokenizer")
+    vq = bundle.model.model.vqmodel
+    for name in ("post_quant_conv", "decoder"):
+        getattr(vq, name).load_state_dict(getattr(shipped, name).state_dict())
+
+
 def vq_ceiling(vq, records: list[WorldRecord]) -> dict[str, float]:
     """What the targets themselves score after the VQ round trip (encode, decode): the most any
     model that draws through this tokenizer can score."""
@@ -70,6 +90,27 @@ def vq_ceiling(vq, records: list[WorldRecord]) -> dict[str, float]:
     for start in range(0, len(records), 64):
         pixels = scenes_to_tensor([r.output_image() for r in records[start:start + 64]])
         images += tensor_to_images(round_trip(vq, pixels).permute(0, 2, 3, 1))
+    return summarise([score_sample(r, image) for r, image in zip(records, images)])
+
+
+def decoder_ceiling(vq, records: list[WorldRecord]) -> dict[str, float]:
+    """What the targets score decoded from their *right* codes (each exact 16 px patch's code in
+    a `per_patch` tokenizer): the decoder's limit alone, with no encoder error."""
+    import torch
+    import torch.nn.functional as F
+
+    from janus_lab.miniature.vq_train import PatchVocabulary, scenes_to_tensor
+    from janus_lab.model.vq import tensor_to_images
+
+    vocabulary = PatchVocabulary.of_world(vq.quantize.num_embeddings)
+    codebook = F.normalize(vq.quantize.embedding.weight, dim=-1)
+    images = []
+    for start in range(0, len(records), 64):
+        ids = vocabulary.ids(scenes_to_tensor([r.output_image() for r in records[start:start + 64]]))
+        side = int(ids.shape[1] ** 0.5)
+        with torch.no_grad():
+            latent = codebook[ids].view(len(ids), side, side, -1).permute(0, 3, 1, 2)
+            images += tensor_to_images(vq.decoder(vq.post_quant_conv(latent)).permute(0, 2, 3, 1))
     return summarise([score_sample(r, image) for r, image in zip(records, images)])
 
 
@@ -118,6 +159,9 @@ class EvaluateWorldConfig(SamplingSettings):
     """Seed of the first record's images."""
     grid_rows: int = 3
     """Records per kind (text-to-image and each edit) shown in grid.png."""
+    decoder: str | None = None
+    """`mini`: draw every model's codes with the shipped tokenizer's decoder (a model trained
+    before the decoder was retrained keeps its codes; its pictures come out as today's)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -164,6 +208,8 @@ def run_evaluate_world(cfg: EvaluateWorldConfig) -> dict:
     ceiling: dict[str, float] = {}
     for label, uri in zip(labels, cfg.models):
         bundle = load_generation_model(uri)
+        if cfg.decoder == "mini":
+            use_shipped_decoder(bundle, uri)
         ceiling = ceiling or vq_ceiling(bundle.model.model.vqmodel, records)
         engine = GenerationEngine.from_bundle(bundle)
         results[label] = evaluate_world(engine, records, samples=cfg.samples, seed=cfg.seed, **cfg.sampling_dict())
