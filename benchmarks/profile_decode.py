@@ -31,26 +31,19 @@ PROMPTS = ["a red circle", "two small green triangles under a big yellow sun", "
 
 
 def instrument(engine: GenerationEngine) -> None:
-    """Wraps the step's parts in profiler ranges named `part:<name>`."""
+    """Wraps the step's parts in profiler ranges named `part:<name>` (this process only)."""
+    from janus_lab.generation.sampling import GuidedSampler
+
     core = engine.model.model
-    parts = {"embed code": engine.model.prepare_embeddings_for_image_generation}
     for layer in core.language_model.layers:
         for name, module in (("attention", layer.self_attn), ("mlp", layer.mlp),
                              ("norms", layer.input_layernorm), ("norms", layer.post_attention_layernorm)):
             _wrap_module(module, name)
     _wrap_module(core.language_model.norm, "norms")
     _wrap_module(core.generation_head, "generation head")
-    for name, fn in parts.items():
-        setattr(engine.model, "prepare_embeddings_for_image_generation", _ranged(fn, name))
-    original_build = engine.build_cfg_batch
-
-    def build(prepared):
-        batch = original_build(prepared)
-        batch.sampler.__class__ = type("RangedSampler", (batch.sampler.__class__,),
-                                       {"__call__": _ranged(batch.sampler.__class__.__call__, "sampler")})
-        return batch
-
-    engine.build_cfg_batch = build
+    engine.model.prepare_embeddings_for_image_generation = _ranged(
+        engine.model.prepare_embeddings_for_image_generation, "embed code")
+    GuidedSampler.__call__ = _ranged(GuidedSampler.__call__, "sampler")
 
 
 def _ranged(fn, name):

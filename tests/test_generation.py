@@ -43,22 +43,26 @@ N = 16  # codes per image of the 64 px debug model
 # --------------------------------------------------------------------------- the reference loop
 
 
+def cfg_rows(bundle, request: GenerationRequest) -> tuple[list, list[torch.Tensor]]:
+    """One image's CFG rows (text-to-image: cond, uncond; editing: full, part, uncond) and the
+    request's input images as the model reads them."""
+    builder = SequenceBuilder(bundle.processor.tokenizer, bundle.num_image_tokens)
+    pixels = [image_to_tensor(Image.open(io.BytesIO(x)) if isinstance(x, bytes) else x, bundle.image_size)
+              for x in request.input_images]
+    if not pixels:
+        cond = builder.prefix(request.prompt)
+        return [cond, builder.unconditional(cond)], pixels
+    full = builder.prefix(request.prompt, input_codes=encode_vq_codes(bundle.model, torch.stack(pixels)).tolist())
+    return [full, builder.partial(full), builder.unconditional(full)], pixels
+
+
 @torch.no_grad()
 def reference_generate(bundle, request: GenerationRequest, seed: int) -> torch.Tensor:
     """docs/design.md, "Classifier-free guidance", literally: returns (parallel_size, N) codes for one request."""
     model, n = bundle.model, bundle.num_image_tokens
     core = model.model
     device = next(model.parameters()).device
-    builder = SequenceBuilder(bundle.processor.tokenizer, n)
-    pixels = [image_to_tensor(Image.open(io.BytesIO(x)) if isinstance(x, bytes) else x, bundle.image_size)
-              for x in request.input_images]
-    if pixels:
-        input_codes = encode_vq_codes(model, torch.stack(pixels)).tolist()
-        full = builder.prefix(request.prompt, input_codes=input_codes)
-        rows = [full, builder.partial(full), builder.unconditional(full)]  # full, part, uncond
-    else:
-        cond = builder.prefix(request.prompt)
-        rows = [cond, builder.unconditional(cond)]  # cond, uncond
+    rows, pixels = cfg_rows(bundle, request)
     input_ids = torch.tensor([r.input_ids for r in rows], device=device)
     gen_codes = torch.tensor([r.gen_codes for r in rows], device=device)
     pixel_values = torch.stack([p for r in rows for p in pixels[:r.num_input_images]]).to(device) if pixels else None
@@ -115,15 +119,7 @@ def published_generate(bundle, request: GenerationRequest) -> torch.Tensor:
     model, n = bundle.model, bundle.num_image_tokens
     core = model.model
     device = next(model.parameters()).device
-    builder = SequenceBuilder(bundle.processor.tokenizer, n)
-    pixels = [image_to_tensor(Image.open(io.BytesIO(x)) if isinstance(x, bytes) else x, bundle.image_size)
-              for x in request.input_images]
-    if pixels:
-        full = builder.prefix(request.prompt, input_codes=encode_vq_codes(model, torch.stack(pixels)).tolist())
-        kinds = [full, builder.partial(full), builder.unconditional(full)]
-    else:
-        cond = builder.prefix(request.prompt)
-        kinds = [cond, builder.unconditional(cond)]
+    kinds, pixels = cfg_rows(bundle, request)
     rows = kinds * request.parallel_size  # image j owns rows j*K .. j*K+K-1
     input_ids = torch.tensor([r.input_ids for r in rows], device=device)
     gen_codes = torch.tensor([r.gen_codes for r in rows], device=device)
