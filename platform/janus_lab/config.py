@@ -133,6 +133,45 @@ class DataConfig:
 
 
 @dataclasses.dataclass
+class LoraConfig:
+    """Low-rank adapters (LoRA, through `peft`) instead of full fine-tuning (docs/design.md, "Adapters").
+
+    The base stays frozen (bfloat16 on GPUs); only the adapters train, so the optimizer state,
+    gradients and checkpoints hold the adapters alone.
+    """
+
+    rank: int = 0
+    """Adapter rank r; 0 = off (full fine-tuning). A sweep's grid can range over it, 0 included."""
+    alpha: float | None = None
+    """Scale numerator: an adapter's update is multiplied by alpha / rank; None = 2 x rank."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input."""
+    target_modules: list[str] = dataclasses.field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    """Linear layers of the language model's decoder layers that get an adapter (attention and MLP)."""
+    generation_head: bool = False
+    """Also adapt the image generation head's two projections."""
+    aligner: bool = False
+    """Also adapt the generation aligner (image-code embeddings into the language model)."""
+    lr: float | None = None
+    """Peak learning rate of the adapters; None = train.lr. Adapters start at zero and usually
+    want 10-100 times a full fine-tune's rate."""
+    merge: bool = False
+    """Export the base with the adapters merged in (a full model) instead of the adapter alone."""
+
+    def __post_init__(self) -> None:
+        _check_non_negative(self, "rank")
+        _check_positive(self, "alpha", "lr")
+        _check(self, ["dropout"], lambda v: 0 <= v < 1, "in [0, 1)")
+        if self.rank and not self.target_modules:
+            raise ValueError("target_modules must name at least one layer when rank > 0")
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+
+@dataclasses.dataclass
 class TrainConfig:
     """Optimizer, schedule, batch geometry, Ray Train workers and checkpointing (docs/design.md, "Training")."""
 
@@ -193,6 +232,8 @@ class TrainConfig:
     """Guidance weight of those generations (`cfg_weight` and `cfg_weight2`)."""
     max_failures: int = 0
     """Worker-group restarts Ray Train allows; each resumes from the latest checkpoint."""
+    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
+    """Low-rank adapters instead of full fine-tuning (`train.lora.rank=16`)."""
 
     def __post_init__(self) -> None:
         _check_positive(self, "lr", "grad_clip", "epochs", "max_steps", "global_batch_size",

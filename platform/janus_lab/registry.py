@@ -24,6 +24,7 @@ import tempfile
 from pathlib import Path
 from typing import Literal
 
+from janus_lab.model.adapters import ADAPTER_CONFIG, BASE_FILE
 from janus_lab.storage import is_s3_uri, s3_filesystem, strip_scheme
 from janus_lab.tracking import GIT_COMMIT_TAG, check_tracking_server, resolve_tracking_uri
 
@@ -226,10 +227,11 @@ def _run_metric(run, metric: str) -> float:
 
 
 def list_export(export_uri: str) -> list[str]:
-    """The files of an export (paths relative to it), checked to be a Hugging Face checkpoint.
+    """The files of an export (paths relative to it), checked to be a Hugging Face checkpoint or a
+    LoRA adapter (PEFT's adapter_config.json and its weights, with the base it belongs to).
 
     Raises:
-        PromotionError: nothing there, or no config.json / *.safetensors.
+        PromotionError: nothing there, or neither config.json nor adapter_config.json with *.safetensors.
     """
     if is_s3_uri(export_uri):
         prefix = strip_scheme(export_uri).rstrip("/")
@@ -239,9 +241,12 @@ def list_export(export_uri: str) -> list[str]:
         files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
     if not files:
         raise PromotionError(f"export {export_uri} does not exist (nothing there); was it moved or deleted?")
-    if "config.json" not in files or not any(f.endswith(".safetensors") and "/" not in f for f in files):
-        raise PromotionError(f"export {export_uri} is not a Hugging Face checkpoint folder "
-                             f"(needs config.json and *.safetensors; has {', '.join(files[:5])})")
+    has_weights = any(f.endswith(".safetensors") and "/" not in f for f in files)
+    is_adapter = ADAPTER_CONFIG in files and BASE_FILE in files
+    if not has_weights or ("config.json" not in files and not is_adapter):
+        raise PromotionError(f"export {export_uri} is neither a Hugging Face checkpoint folder (config.json and "
+                             f"*.safetensors) nor a LoRA adapter ({ADAPTER_CONFIG}, {BASE_FILE} and "
+                             f"*.safetensors); it has {', '.join(files[:5])}")
     return files
 
 
@@ -317,6 +322,8 @@ def _version_tags(run, export_uri: str, cfg: PromoteConfig) -> dict[str, str]:
             GIT_COMMIT_TAG: run.data.tags.get(GIT_COMMIT_TAG, "unknown"),
             "promotion_metric": cfg.metric, "promotion_direction": cfg.direction}
     tags.update({key: run.data.tags.get(key, "unknown") for key in DATASET_TAGS})
+    # An adapter version names the base it only works on (a model URI or a built-in preset).
+    tags.update({key: run.data.tags[key] for key in ("export_kind", "adapter_base") if key in run.data.tags})
     for key, value in run.data.metrics.items():
         if key.startswith("val_") or key == cfg.metric:
             tags[f"{METRIC_TAG_PREFIX}{key}"] = repr(float(value))

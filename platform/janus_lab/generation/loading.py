@@ -8,8 +8,10 @@ from pathlib import Path
 
 import torch
 
+from janus_lab.model.adapters import ADAPTER_CONFIG, is_adapter_folder, load_adapter_bundle
 from janus_lab.model.builders import JanusBundle, debug, mini
 from janus_lab.model.weights import load_pretrained
+from janus_lab.storage import download_prefix, is_s3_uri
 
 REGISTRY_SCHEME = "models:/"
 DEBUG_MODEL = "debug"
@@ -56,23 +58,36 @@ def resolve_model_uri(uri: str, download_dir: str | os.PathLike | None = None) -
     return str(find_checkpoint_folder(local, uri))
 
 
+MODEL_MARKERS = ("config.json", ADAPTER_CONFIG)
+"""A model folder holds a Hugging Face checkpoint (config.json) or a LoRA adapter (adapter_config.json)."""
+
+
 def find_checkpoint_folder(root: Path, uri: str = "") -> Path:
-    """The folder holding `config.json` in a downloaded model: the root or one level below.
+    """The folder holding a model in a download: the root or one level below.
 
     A registered model may be the export folder itself or a run's artifacts with the export
-    in a subfolder (e.g. `export/`).
+    in a subfolder (e.g. `export/`); the export is a checkpoint or an adapter.
 
     Raises:
         ModelSourceError: no such folder, or more than one.
     """
-    if (root / "config.json").exists():
+    if any((root / marker).exists() for marker in MODEL_MARKERS):
         return root
-    found = sorted(path.parent for path in root.glob("*/config.json"))
+    found = sorted({path.parent for marker in MODEL_MARKERS for path in root.glob(f"*/{marker}")})
     if len(found) != 1:
         what = "no" if not found else f"{len(found)}"
-        raise ModelSourceError(f"{uri or root} holds {what} Hugging Face checkpoint folders (config.json)"
+        raise ModelSourceError(f"{uri or root} holds {what} model folders (config.json or adapter_config.json)"
                                + (f": {', '.join(str(p) for p in found)}" if found else ""))
     return found[0]
+
+
+def load_model_folder(uri: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> JanusBundle:
+    """A checkpoint folder or `s3://` prefix: the model in it, or for a LoRA adapter its base with
+    the adapter attached (unmerged: exactly what the server computes with it)."""
+    folder = download_prefix(uri) if is_s3_uri(uri) else Path(uri)
+    if is_adapter_folder(folder):
+        return load_adapter_bundle(folder, device=device, dtype=dtype)
+    return load_pretrained(folder, dtype=dtype, device=device)
 
 
 def load_generation_model(uri: str, device: str | torch.device = "cpu",
@@ -80,13 +95,13 @@ def load_generation_model(uri: str, device: str | torch.device = "cpu",
     """Loads the model a generation run names: a checkpoint, a registry URI, `debug` or `mini`.
 
     Args:
-        uri: checkpoint folder, `s3://` prefix, `models:/name@alias`, `debug` or `mini`.
+        uri: checkpoint or LoRA adapter folder, `s3://` prefix, `models:/name@alias`, `debug` or `mini`.
         device: where the weights go.
         dtype: parameter dtype (None: as saved; float32 for the built-in models).
     """
     if uri in BUILT_IN_MODELS:
         return build_built_in(uri, device, dtype)
-    return load_pretrained(resolve_model_uri(uri), dtype=dtype, device=device)
+    return load_model_folder(resolve_model_uri(uri), device=device, dtype=dtype)
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,7 @@ from starlette.datastructures import UploadFile
 from janus_lab.generation.progress import MAX_PARTIAL_IMAGES
 from janus_lab.generation.requests import SEED_LIMIT
 from janus_lab.serving.access import ApiKeys
-from janus_lab.serving.settings import ServeArgs, ServeLimits
+from janus_lab.serving.settings import ADAPTER_NAME, ServeArgs, ServeLimits
 
 logger = logging.getLogger("ray.serve")
 
@@ -60,8 +60,8 @@ RETRY_AFTER_S = 1
 GENERATION_FIELDS = {"prompt", "n", "cfg_weight", "temperature", "seed", "response_format", "top_k", "top_p",
                      "model", "size", "user", "stream", "partial_images"}
 EDIT_FIELDS = GENERATION_FIELDS | {"cfg_weight2", "image", "image[]"}
-"""Accepted keys; `model`, `size` and `user` are what OpenAI clients send (model and user are
-ignored, size must match the model's)."""
+"""Accepted keys; `model`, `size` and `user` are what OpenAI clients send (`model` picks an
+adapter as `<id>:<adapter>` and is otherwise ignored, size must match the model's, user is ignored)."""
 
 
 class ApiError(Exception):
@@ -218,12 +218,34 @@ def check_image(data: bytes, limits: ServeLimits, name: str) -> None:
                                   f"more than the limit of {limits.max_input_pixels}")
 
 
-def model_error(error: dict[str, str]) -> ApiError:
-    """The model deployment's refusal as the API's 400, its field named as the client sent it
-    (`input_images[1]` -> `image[1]`, `parallel_size` -> `n`)."""
+def pick_adapter(model: Any, adapters: set[str]) -> str | None:
+    """The adapter a request's `model` names (`janus-4o:style` -> `style`), or None for the base.
+
+    Any other `model` (OpenAI clients send their own default) means the served model itself.
+
+    Raises:
+        ApiError: 400 for a `model` that is not a string; 404 for `<id>:<name>` naming no adapter here.
+    """
+    if model is None or model == "":
+        return None
+    if not isinstance(model, str):
+        raise ApiError(400, "model", f"model: must be a string, got {type(model).__name__}")
+    _, colon, name = model.rpartition(":")
+    if not colon or not ADAPTER_NAME.fullmatch(name):
+        return None
+    if name not in adapters:
+        raise ApiError(404, "model", f"model: no adapter named {name!r}; this server has "
+                                     f"{', '.join(sorted(adapters)) or 'none'}", code="model_not_found")
+    return name
+
+
+def model_error(error: dict[str, Any]) -> ApiError:
+    """The model deployment's refusal as the API's 4xx (400 unless it says otherwise), its field
+    named as the client sent it (`input_images[1]` -> `image[1]`, `parallel_size` -> `n`)."""
     param = error["param"].removeprefix("input_images").replace("parallel_size", "n")
     param = f"image{param}" if error["param"].startswith("input_images") else param
-    return ApiError(400, param, error["message"])
+    status = error.get("status", 400)
+    return ApiError(status, param, error["message"], code="model_not_found" if status == 404 else None)
 
 
 # --------------------------------------------------------------------------- the deployment
@@ -260,6 +282,7 @@ class ImageApi:
         self.model = model
         self.limits = parsed.limits
         self.access = parsed.access
+        self.adapters = set(parsed.adapters)
         self.keys = ApiKeys(parsed.access)  # an unset or empty key source fails the replica here
         self.limiter = limiter if (parsed.access.requests_per_minute or parsed.access.images_per_minute) else None
         self.last_model: dict[str, Any] | None = None
@@ -286,7 +309,9 @@ class ImageApi:
         except BackPressureError:
             return self._overloaded()
         self.last_model = info
-        return JSONResponse({"object": "list", "data": [{"object": "model", "owned_by": "janus-lab", **info}]})
+        base = {"object": "model", "owned_by": "janus-lab", **info}
+        return JSONResponse({"object": "list", "data": [base] + [
+            {**base, "id": f"{info['id']}:{name}", "adapter": name} for name in sorted(self.adapters)]})
 
     @app.post("/v1/images/generations")
     async def generations(self, request: Request) -> Response:
@@ -300,10 +325,11 @@ class ImageApi:
         payload, response_format = parse_fields(body, GENERATION_FIELDS, self.limits, self._image_size(),
                                                 from_text=False)
         partial_images = parse_stream(body, response_format, from_text=False)
+        adapter = pick_adapter(body.get("model"), self.adapters)
         await self._admit(key, payload.get("parallel_size", 1))
         if partial_images is not None:
-            return await self._stream(payload, partial_images, "image_generation")
-        return await self._generate(payload, response_format)
+            return await self._stream(payload, partial_images, "image_generation", adapter)
+        return await self._generate(payload, response_format, adapter)
 
     @app.post("/v1/images/edits")
     async def edits(self, request: Request) -> Response:
@@ -335,6 +361,7 @@ class ImageApi:
         payload, response_format = parse_fields(fields, EDIT_FIELDS, self.limits, self._image_size(),
                                                 from_text=True)
         partial_images = parse_stream(fields, response_format, from_text=True)
+        adapter = pick_adapter(fields.get("model"), self.adapters)
         if not files:
             raise ApiError(400, "image", "image: an edit needs at least one input image file")
         if len(files) > self.limits.max_input_images:
@@ -348,12 +375,16 @@ class ImageApi:
         payload["input_images"] = images
         await self._admit(key, payload.get("parallel_size", 1))
         if partial_images is not None:
-            return await self._stream(payload, partial_images, "image_edit")
-        return await self._generate(payload, response_format)
+            return await self._stream(payload, partial_images, "image_edit", adapter)
+        return await self._generate(payload, response_format, adapter)
 
-    async def _generate(self, payload: dict[str, Any], response_format: str) -> Response:
+    def _handle(self, adapter: str | None) -> DeploymentHandle:
+        """The model deployment, routed (multiplexing) to a replica holding `adapter` if one does."""
+        return self.model.options(multiplexed_model_id=adapter) if adapter else self.model
+
+    async def _generate(self, payload: dict[str, Any], response_format: str, adapter: str | None) -> Response:
         try:
-            result = await self.model.generate.remote(payload)
+            result = await self._handle(adapter).generate.remote(payload)
         except BackPressureError:
             return self._overloaded()
         if "error" in result:
@@ -369,13 +400,13 @@ class ImageApi:
             "model": result["model"],
         }, headers=headers)
 
-    async def _stream(self, payload: dict[str, Any], partial_images: int, kind: str) -> Response:
+    async def _stream(self, payload: dict[str, Any], partial_images: int, kind: str, adapter: str | None) -> Response:
         """Server-sent events `<kind>.partial_image` (each image's partial images as they arrive)
         then `<kind>.completed` (one per image; `image_index` says which of `n`).
 
         The request is checked before the stream opens, so a bad one is still a 4xx.
         """
-        stream = self.model.options(stream=True).generate_stream.remote(payload, partial_images)
+        stream = self._handle(adapter).options(stream=True).generate_stream.remote(payload, partial_images)
         try:
             first = await stream.__anext__()
         except BackPressureError:

@@ -14,6 +14,8 @@ no request in flight fails on a swap.
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import dataclasses
 import io
 import logging
@@ -30,13 +32,15 @@ from janus_lab.generation.loading import (
     BUILT_IN_MODELS,
     RegisteredVersion,
     build_built_in,
+    load_model_folder,
     registered_version,
     resolve_model_uri,
 )
 from janus_lab.generation.offline import resolve_device_and_dtype
 from janus_lab.generation.progress import RequestProgress
 from janus_lab.generation.requests import validate_request
-from janus_lab.model.weights import load_pretrained
+from janus_lab.model.adapters import AdapterError, base_identity
+from janus_lab.serving.adapters import AdapterHandle, AdapterHost
 from janus_lab.serving.settings import ModelUserConfig, ServeArgs
 
 logger = logging.getLogger("ray.serve")
@@ -59,8 +63,10 @@ class LoadedModel:
     loaded_at: float
     run_url: str | None = None
     """The MLflow UI page of the version's run, when the tracking server is reachable over HTTP."""
+    host: AdapterHost | None = None
+    """The LoRA adapters served over this model (None: no `adapters` configured)."""
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self, adapter: str | None = None) -> dict[str, Any]:
         version = self.version
         return {
             "id": version.name if version else self.source,
@@ -70,6 +76,7 @@ class LoadedModel:
             "source": self.source,
             "image_size": self.engine.image_size,
             "loaded_at": int(self.loaded_at),
+            "adapter": adapter,
         }
 
     def release(self) -> None:
@@ -88,14 +95,18 @@ def load_model(args: ServeArgs, max_batch_size: int) -> LoadedModel:
         source = version.uri if version else args.model
         folder = tempfile.mkdtemp(prefix="janus-serve-") if version else None
         try:
-            bundle = load_pretrained(resolve_model_uri(source, download_dir=folder), dtype=dtype, device=device)
+            bundle = load_model_folder(resolve_model_uri(source, download_dir=folder), device=device, dtype=dtype)
         except BaseException:
             if folder:
                 shutil.rmtree(folder, ignore_errors=True)
             raise
     engine = GenerationEngine.from_bundle(bundle, limits=limits, compile_step=args.compile and device.type == "cuda")
+    host = None
+    if args.adapters:
+        identity = source if source not in BUILT_IN_MODELS else base_identity(source, None, bundle.image_size, 0)
+        host = AdapterHost(bundle.model, identity, args.adapters)
     return LoadedModel(engine=engine, source=source, version=version, folder=folder, loaded_at=time.time(),
-                       run_url=run_url(version))
+                       run_url=run_url(version), host=host)
 
 
 def run_url(version: RegisteredVersion | None) -> str | None:
@@ -152,7 +163,18 @@ class ImageModel:
         self.settings = ModelUserConfig()
         self.current = load_model(self.args, self.settings.max_batch_size)
         self._poller: asyncio.Task | None = None
-        logger.info("serving %s", self.current.describe())
+        self._adapter = None
+        if self.args.adapters:
+            async def load_adapter(name: str) -> AdapterHandle:
+                host = self.current.host
+                await asyncio.to_thread(host.load, name)
+                return AdapterHandle(host, name)
+
+            # Applied here rather than on a method: the LRU's size comes from the deployment's args.
+            self._adapter = serve.multiplexed(max_num_models_per_replica=self.args.max_adapters_per_replica)(
+                load_adapter)
+        logger.info("serving %s%s", self.current.describe(),
+                    f" with adapters {', '.join(sorted(self.args.adapters))}" if self.args.adapters else "")
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Applies `user_config` (batching, registry polling) to this running replica."""
@@ -169,7 +191,7 @@ class ImageModel:
     async def info(self) -> dict[str, Any]:
         """What this replica serves, with its sampling defaults (what the playground fills in)."""
         return {**self.current.describe(), "run_url": self.current.run_url,
-                "defaults": dataclasses.asdict(self.args.defaults)}
+                "defaults": dataclasses.asdict(self.args.defaults), "adapters": sorted(self.args.adapters)}
 
     async def generate(self, payload: dict[str, Any]) -> dict[str, Any]:
         """Checks one request, then generates it in a batch with whatever else is waiting.
@@ -185,7 +207,8 @@ class ImageModel:
         checked = await self._check(payload)
         if isinstance(checked, dict):
             return checked
-        return await self._run_batch((checked, None))
+        prepared, adapter = checked
+        return await self._run_batch((prepared, None, adapter))
 
     async def generate_stream(self, payload: dict[str, Any], partial_images: int = 0) -> AsyncIterator[dict[str, Any]]:
         """`generate`, watched: yields what the request has become as the batch goes on.
@@ -203,6 +226,7 @@ class ImageModel:
         if isinstance(checked, dict):
             yield checked
             return
+        checked, adapter = checked
         loop = asyncio.get_running_loop()
         arrived: asyncio.Queue = asyncio.Queue()
         label = f"request seed={checked.seed} prompt={checked.request.prompt[:40]!r}"
@@ -212,7 +236,7 @@ class ImageModel:
             on_freed=lambda step, rows: logger.info("%s: its client left; its %d rows left the batch at step %d",
                                                     label, rows, step))
         engine = self.current.engine
-        batch = asyncio.ensure_future(self._run_batch((checked, progress)))
+        batch = asyncio.ensure_future(self._run_batch((checked, progress, adapter)))
         batch.add_done_callback(lambda task: task.cancelled() or task.exception())  # retrieved, never lost
         done = False
         try:
@@ -238,8 +262,17 @@ class ImageModel:
                 progress.cancelled.set()
                 logger.info("%s: the stream was closed before the image was done; freeing its rows", label)
 
-    async def _check(self, payload: dict[str, Any]) -> PreparedRequest | dict[str, Any]:
-        """The request, checked and ready for the engine; or `{"error": {"param", "message"}}`."""
+    async def _check(self, payload: dict[str, Any]) -> tuple[PreparedRequest, str | None] | dict[str, Any]:
+        """The request, checked and ready for the engine, and the adapter it asked for (the
+        multiplexed model id; None: the base); or `{"error": {"param", "message"}}`."""
+        adapter = serve.get_multiplexed_model_id() or None
+        if adapter is not None:
+            try:
+                if self._adapter is None:
+                    raise AdapterError(f"no adapter named {adapter!r}; this server serves no adapters")
+                await self._adapter(adapter)
+            except AdapterError as err:
+                return {"error": {"param": "model", "message": f"model: {err}", "status": 404}}
         unknown = sorted(set(payload) - set(PAYLOAD_FIELDS))
         if unknown:
             return {"error": {"param": unknown[0], "message": f"{unknown[0]}: unknown field"}}
@@ -248,27 +281,37 @@ class ImageModel:
         engine = self.current.engine
         try:
             return await asyncio.to_thread(validate_request, request, engine.limits, engine.builder,
-                                           engine.max_sequence_length)
+                                           engine.max_sequence_length), adapter
         except GenerationRequestError as err:
             return {"error": {"param": err.field, "message": str(err)}}
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
-    async def _run_batch(self, batch: list[tuple[PreparedRequest, RequestProgress | None]]) -> list[dict[str, Any]]:
+    async def _run_batch(self, batch: list[tuple[PreparedRequest, RequestProgress | None, str | None]]
+                         ) -> list[dict[str, Any]]:
         current = self.current  # a swap during this batch does not touch it
         return await asyncio.to_thread(self._generate_and_encode, current, batch)
 
     @staticmethod
-    def _generate_and_encode(current: LoadedModel,
-                             batch: list[tuple[PreparedRequest, RequestProgress | None]]) -> list[dict[str, Any]]:
-        streaming = sum(watch is not None for _, watch in batch)
+    def _generate_and_encode(current: LoadedModel, batch: list[tuple[PreparedRequest, RequestProgress | None,
+                                                                     str | None]]) -> list[dict[str, Any]]:
+        """Generates a batch, one CFG batch per adapter in it (the base's requests are one more)."""
+        streaming = sum(watch is not None for _, watch, _ in batch)
         if streaming:
             logger.info("generating a batch of %d requests, %d of them streaming", len(batch), streaming)
-        results = current.engine.generate_prepared([item for item, _ in batch],
-                                                   progress=[watch for _, watch in batch])
-        model = current.describe()
-        return [{"cancelled": True} if result.cancelled else
-                {"images": [encode_png(image) for image in result.images], "seed": result.seed, "model": model}
-                for result in results]
+        groups: dict[str | None, list[int]] = collections.defaultdict(list)
+        for index, (_, _, adapter) in enumerate(batch):
+            groups[adapter].append(index)
+        outputs: list[dict[str, Any]] = [{}] * len(batch)
+        for adapter, indices in groups.items():
+            with current.host.using(adapter, set(groups)) if current.host else contextlib.nullcontext():
+                results = current.engine.generate_prepared([batch[i][0] for i in indices],
+                                                           progress=[batch[i][1] for i in indices])
+            model = current.describe(adapter)
+            for index, result in zip(indices, results):
+                outputs[index] = ({"cancelled": True} if result.cancelled else
+                                  {"images": [encode_png(image) for image in result.images], "seed": result.seed,
+                                   "model": model})
+        return outputs
 
     async def _follow_alias(self) -> None:
         while True:

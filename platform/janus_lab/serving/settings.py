@@ -42,6 +42,9 @@ class ServeLimits:
                                 max_input_images=self.max_input_images, max_input_pixels=self.max_input_pixels)
 
 
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9._-]+")
+"""What an adapter's name may be: it follows the model's id after a colon (`janus-4o:style`)."""
+
 ENV_VAR_NAME = re.compile(r"[A-Z_][A-Z0-9_]*")
 """What `access.api_keys_env` must look like: a variable's name, not a key."""
 
@@ -96,9 +99,25 @@ class ServeArgs(ModelSource):
     """Request limits."""
     access: AccessConfig = field(default_factory=AccessConfig)
     """API keys and per-key rate limits."""
+    adapters: dict[str, str] = field(default_factory=dict)
+    """LoRA adapters served over `model`, by name; a request picks one with `model: "<id>:<name>"`.
+    Each is an adapter folder, `s3://` prefix or `models:/` version trained on this `model`."""
+    max_adapters_per_replica: int = 4
+    """Adapters one replica keeps loaded; past it the least recently used is unloaded."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _check_positive(self, "max_adapters_per_replica")
+        for name, uri in self.adapters.items():
+            if not ADAPTER_NAME.fullmatch(name) or not isinstance(uri, str) or not uri.strip():
+                raise ValueError(f"adapters.{name}: an adapter needs a name of letters, digits, '.', '_' or '-' "
+                                 f"and a URI, got {uri!r}")
+        if self.adapters and "@" in self.model:
+            raise ValueError(f"adapters need a fixed base, but model={self.model} follows an alias that can move "
+                             "to a version they were not trained on; name the version (models:/<name>/<version>)")
+        if self.adapters and self.compile:
+            raise ValueError("compile=true captures one set of weights in CUDA graphs; it cannot switch "
+                             "adapters between batches: set compile=false to serve adapters")
         if 0 < self.access.images_per_minute < self.limits.max_n:
             raise ValueError(f"access.images_per_minute ({self.access.images_per_minute}) must be 0 or at "
                              f"least limits.max_n ({self.limits.max_n}), or a request of n images never passes")

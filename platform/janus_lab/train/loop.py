@@ -93,13 +93,15 @@ def is_decayed(name: str, param: torch.Tensor, exempt: str) -> bool:
 
 def build_optimizer(objective: torch.nn.Module, train: TrainConfig) -> torch.optim.AdamW:
     """AdamW over the trainable parameters: lr, betas and weight decay from `train`, two groups
-    (decayed, exempt; see `is_decayed`)."""
+    (decayed, exempt; see `is_decayed`). With LoRA the trainable parameters are the adapters, at
+    `train.lora.lr` when it is set."""
     decay, exempt = [], []
     for name, param in objective.named_parameters():
         if param.requires_grad:
             (decay if is_decayed(name, param, train.weight_decay_exempt) else exempt).append(param)
     groups = [{"params": decay, "weight_decay": train.weight_decay}, {"params": exempt, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=train.lr, betas=train.betas, eps=1e-8)
+    lr = train.lora.lr if train.lora.enabled and train.lora.lr else train.lr
+    return torch.optim.AdamW(groups, lr=lr, betas=train.betas, eps=1e-8)
 
 
 def gradient_sync(micro_batch: int, accumulation: int, every_micro_batch: bool) -> bool:
@@ -123,6 +125,27 @@ def trainable_parameters(objective: torch.nn.Module) -> int:
     return sum(p.numel() for p in objective.parameters() if p.requires_grad)
 
 
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if isinstance(tensor, torch.distributed.tensor.DTensor) else tensor
+
+
+def training_memory(objective: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """Bytes this rank holds for training beyond the weights: gradients and optimizer state, read
+    from the tensors themselves (measured after a step, when both exist)."""
+    gradients = sum(_local(p.grad).nbytes for p in objective.parameters() if p.grad is not None)
+    state = sum(_local(value).nbytes for per_param in optimizer.state.values()
+                for value in per_param.values() if torch.is_tensor(value))
+    return {"gradient_bytes": float(gradients), "optimizer_state_bytes": float(state)}
+
+
+def adapter_base(cfg: ExperimentConfig):
+    """What an adapter trained by this run belongs to (`janus_adapter.json`)."""
+    from janus_lab.model.adapters import AdapterBase
+
+    return AdapterBase(preset=cfg.model.preset, weights=cfg.model.weights, image_size=cfg.model.image_size,
+                       init_seed=cfg.train.seed)
+
+
 def train_loop_per_worker(plan_dict: dict) -> None:
     """Entry point of every Ray Train worker (see `janus_lab.train.launch`)."""
     import ray.train
@@ -137,12 +160,19 @@ def train_loop_per_worker(plan_dict: dict) -> None:
 
     bundle = build_bundle(cfg.model, init_seed=cfg.train.seed)
     check_dataset_tokenizer(bundle, plan.dataset_fingerprint, cfg.data.uri)
+    lora = cfg.train.lora
+    if lora.enabled:
+        from janus_lab.model.adapters import apply_lora
+
+        if device.type == "cuda":
+            bundle.model.to(torch.bfloat16)  # the frozen base; the adapters train in float32
+        apply_lora(bundle.model, lora, seed=cfg.train.seed)
     objective = prepare_for_training(bundle.model, device, freeze_vision=cfg.model.freeze_vision,
                                      activation_checkpointing=cfg.train.activation_checkpointing)
     num_params = trainable_parameters(objective)
     optimizer = build_optimizer(objective, cfg.train)
     scheduler = build_scheduler(optimizer, plan.total_steps, cfg.train.warmup_ratio, cfg.train.min_lr_ratio)
-    state = TrainState(objective, optimizer, scheduler, rank)
+    state = TrainState(objective, optimizer, scheduler, rank, trainable_only=lora.enabled)
     order = epoch_order_signature(plan.layout, cfg.data.shuffle_seed, cfg.data.shuffle_window_rows)
     geometry = data_geometry(world, cfg.train.micro_batch_size, cfg.train.global_batch_size, cfg.train.seed, order)
     state.progress.geometry = geometry
@@ -210,18 +240,21 @@ def train_loop_per_worker(plan_dict: dict) -> None:
             progress.micro_batches_in_epoch += 1
             if progress.micro_batches_in_epoch % accumulation:
                 continue
-            grad_norm = torch.nn.utils.clip_grad_norm_(objective.parameters(), cfg.train.grad_clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                [p for p in objective.parameters() if p.requires_grad], cfg.train.grad_clip)
             if isinstance(grad_norm, torch.distributed.tensor.DTensor):
                 grad_norm = grad_norm.full_tensor()
             optimizer.step()
             scheduler.step()
+            memory = training_memory(objective, optimizer)  # while gradients and state both exist
             optimizer.zero_grad(set_to_none=True)
             progress.step += 1
             step = progress.step
             last_of_run = step == plan.total_steps
             if step % cfg.train.report_every == 0 or last_of_run or step % cfg.train.checkpoint_every == 0:
                 metrics = window.reduce(device, num_params, peak, world)
-                metrics.update(lr=scheduler.get_last_lr()[0], grad_norm=float(grad_norm), epoch=epoch)
+                metrics.update(lr=scheduler.get_last_lr()[0], grad_norm=float(grad_norm), epoch=epoch,
+                               trainable_params=float(num_params), **memory)
                 # eval_every=0 means at the end only.
                 if plan.val_rows and (last_of_run or (cfg.train.eval_every and step % cfg.train.eval_every == 0)):
                     metrics.update(evaluate(step))
@@ -238,9 +271,11 @@ def train_loop_per_worker(plan_dict: dict) -> None:
             progress.micro_batches_in_epoch = 0
 
     if plan.export_uri:
-        export(objective, bundle, plan.export_uri, rank)
+        kind = export(objective, bundle, plan.export_uri, rank, lora=lora if lora.enabled else None,
+                      base=adapter_base(cfg))
         if logger:
-            logger.set_tags({"export_uri": plan.export_uri})
+            logger.set_tags({"export_uri": plan.export_uri, "export_kind": kind}
+                            | ({"adapter_base": adapter_base(cfg).identity} if lora.enabled else {}))
 
 
 def _report(state: TrainState, metrics: dict, save: bool) -> None:
@@ -330,22 +365,36 @@ def world_scores(objective, bundle: JanusBundle, samples: int, seed: int, cfg_we
     return world_metrics(evaluation.summary)
 
 
-def export(objective, bundle: JanusBundle, uri: str, rank: int) -> None:
-    """Gathers the full weights to rank 0 and writes them in the Hugging Face layout."""
+def export(objective, bundle: JanusBundle, uri: str, rank: int, lora=None, base=None) -> str:
+    """Gathers the weights to rank 0 and writes them: the whole model in the Hugging Face layout,
+    or with LoRA the adapter alone (PEFT's format, naming `base`) unless `lora.merge`.
+
+    Returns:
+        What was exported: `full`, `adapter` or `merged`.
+    """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+    from janus_lab.model import adapters
     from janus_lab.model.weights import save_pretrained
 
-    full = get_model_state_dict(objective, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    kind = "full" if lora is None else "merged" if lora.merge else "adapter"
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=kind == "adapter")
+    full = get_model_state_dict(objective, options=options)
     if rank == 0:
         model_state = {k.removeprefix("model."): v for k, v in full.items()}
-        with torch.device("meta"):
-            fresh = type(bundle.model)(bundle.model.config)
-        fresh.load_state_dict(model_state, assign=True, strict=True)
-        save_pretrained(JanusBundle(model=fresh, processor=bundle.processor, preset=bundle.preset), uri)
-        print(f"exported the fine-tuned model to {uri}", flush=True)
+        if kind == "adapter":
+            adapters.save_adapter(adapters.adapter_state(model_state), lora, base, uri)
+        else:
+            if kind == "merged":
+                model_state = adapters.merged_state(model_state, bundle.model, lora)
+            with torch.device("meta"):
+                fresh = type(bundle.model)(bundle.model.config)
+            fresh.load_state_dict(model_state, assign=True, strict=True)
+            save_pretrained(JanusBundle(model=fresh, processor=bundle.processor, preset=bundle.preset), uri)
+        print(f"exported the fine-tuned model ({kind}) to {uri}", flush=True)
     if dist.is_initialized():
         dist.barrier()
+    return kind
 
 
 class _Window:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
 
 
@@ -49,15 +49,21 @@ class ResumeMismatchError(RuntimeError):
 
 
 class TrainState(Stateful):
-    """Model, optimizer, scheduler, progress and RNG states of one rank."""
+    """Model, optimizer, scheduler, progress and RNG states of one rank.
+
+    Args:
+        trainable_only: keep only the trainable parameters (LoRA adapters); the frozen base is
+            built again from its source on resume.
+    """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 scheduler: torch.optim.lr_scheduler.LRScheduler, rank: int):
+                 scheduler: torch.optim.lr_scheduler.LRScheduler, rank: int, trainable_only: bool = False):
         self.model, self.optimizer, self.scheduler, self.rank = model, optimizer, scheduler, rank
+        self.options = StateDictOptions(ignore_frozen_params=trainable_only, strict=not trainable_only)
         self.progress = Progress()
 
     def state_dict(self) -> dict:
-        model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
+        model_state, optimizer_state = get_state_dict(self.model, self.optimizer, options=self.options)
         return {
             "model": model_state,
             "optimizer": optimizer_state,
@@ -73,7 +79,7 @@ class TrainState(Stateful):
 
     def load_state_dict(self, state: dict) -> None:
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optimizer"])
+                       optim_state_dict=state["optimizer"], options=self.options)
         self.scheduler.load_state_dict(state["scheduler"])
         self.progress = Progress(**state["progress"])
         rng = state.get(f"rng_rank{self.rank}")
