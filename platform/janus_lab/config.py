@@ -803,7 +803,9 @@ class _Builder:
             hint = f"did you mean '{_join(prefix, close[0])}'?"
         else:
             # A key put in the wrong section (`lr:` at the top level) gets pointed to its home.
-            keys_by_leaf = {row.key.rpartition(".")[2]: row.key for row in describe(self.root)}
+            keys_by_leaf: dict[str, str] = {}
+            for row in sorted(describe(self.root), key=lambda row: row.key.count(".")):
+                keys_by_leaf.setdefault(row.key.rpartition(".")[2], row.key)  # `lr`: train.lr, not train.lora.lr
             close = difflib.get_close_matches(name, list(keys_by_leaf), n=1)
             if close:
                 hint = f"did you mean '{keys_by_leaf[close[0]]}'?"
