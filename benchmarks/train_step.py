@@ -200,7 +200,7 @@ def build(args: argparse.Namespace, device: torch.device):
 
 def sample_pool(args: argparse.Namespace, bundle, count: int) -> list[dict]:
     """`count` samples of the sample dataset's kind: prompt, pixels of every image, random codes."""
-    from janus_lab.data.images import encode_png, resize_to_side
+    from janus_lab.data.images import encode_png, letterbox
     from janus_lab.data.sample import sample_records
     from janus_lab.model import image_to_tensor
 
@@ -214,7 +214,7 @@ def sample_pool(args: argparse.Namespace, bundle, count: int) -> list[dict]:
         inputs = [image.convert("RGB") for image in record.input_images()]
         pngs = []
         for image in inputs:  # stored input images, as the shards hold them (PNG at the model's side)
-            pngs.append(encode_png(resize_to_side(image, side)))
+            pngs.append(encode_png(letterbox(image, side)))
         pool.append({
             "id": record.name, "task": record.task, "prompt": record.prompt,
             "output_codes": rng.integers(0, codebook, n).tolist(),

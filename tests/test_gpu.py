@@ -107,6 +107,44 @@ def test_fsdp_training_steps_lower_the_loss_on_their_batch(process_group, activa
 
 
 @pytest.mark.parametrize("process_group", ["cpu", CUDA], indirect=True)
+def test_lora_under_fsdp_trains_fp32_adapters_over_a_frozen_base_bf16_on_cuda(process_group, tmp_path):
+    """What a LoRA worker runs: the base cast to bf16 on CUDA (fp32 on CPU), adapters in fp32,
+    both in the same FSDP2 units; only the adapters change."""
+    pytest.importorskip("peft")  # a bare GPU box's Python may lack it (benchmarks/gpu_suite.sh)
+    from janus_lab.config import LoraConfig
+    from janus_lab.model.adapters import apply_lora
+
+    device = process_group
+    torch.manual_seed(0)
+    bundle = debug()
+    if device.type == "cuda":
+        bundle.model.to(torch.bfloat16)
+    lora = LoraConfig(rank=4, lr=1e-2)
+    apply_lora(bundle.model, lora, seed=0)
+    objective = prepare_for_training(bundle.model, device)
+    optimizer = build_optimizer(objective, TrainConfig(lr=1e-4, weight_decay=0.0, lora=lora))
+    [batch] = training_batches(tmp_path, SequenceBuilder(bundle.processor.tokenizer, bundle.num_image_tokens, 64),
+                               device)
+    frozen = {name: p.full_tensor().clone() for name, p in objective.named_parameters() if not p.requires_grad}
+    losses = []
+    for _ in range(3):
+        out = objective(**batch)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in objective.parameters() if p.requires_grad], 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(out.loss.item())
+    trainable = {name: p for name, p in objective.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_" in name and p.dtype == torch.float32 for name, p in trainable.items())
+    base_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    for name, p in objective.named_parameters():
+        if not p.requires_grad:
+            assert p.dtype == base_dtype, name
+            assert torch.equal(p.full_tensor(), frozen[name]), f"{name}: a frozen weight changed"
+    assert all(math.isfinite(loss) for loss in losses) and losses[2] < losses[0], losses
+
+
+@pytest.mark.parametrize("process_group", ["cpu", CUDA], indirect=True)
 def test_reducing_every_micro_batch_gives_the_same_gradients_without_the_unsharded_buffer(process_group, tmp_path):
     device = process_group
     gradients, held_after_first = {}, {}

@@ -76,7 +76,8 @@ class ModelConfig:
     shipped in the repo: 4 layers, hidden 192, 64 px; `mini-init` = its VQ with a random language
     model) or the released 1B/7B shapes."""
     weights: str | None = None
-    """HF-format checkpoint folder or `s3://` prefix (safetensors); None = random init."""
+    """HF-format checkpoint folder, `s3://` prefix (safetensors) or registered version
+    (`models:/janus-4o@champion`, pinned to its version number when the run starts); None = random init."""
     image_size: int = 64
     """Image side in pixels: 64 or 384 for `debug` (16 or 576 image tokens), 384 otherwise."""
     freeze_vision: bool = False

@@ -126,7 +126,8 @@ def build_bundle(model, init_seed: int, dtype: torch.dtype = torch.float32) -> J
     VQ tokenizer in both when they use the same seed.
 
     Args:
-        model: a `janus_lab.config.ModelConfig`.
+        model: a `janus_lab.config.ModelConfig`; `weights` may be a folder, an `s3://` prefix or
+            a registry version (`models:/name/version`).
         init_seed: seed of the random init (ignored when weights are given).
         dtype: parameter dtype, whatever the checkpoint holds. Training keeps float32 master
             weights: the released checkpoints are bfloat16, and AdamW updates at lr 5e-6 are
@@ -134,6 +135,11 @@ def build_bundle(model, init_seed: int, dtype: torch.dtype = torch.float32) -> J
             policy still computes in bfloat16 on GPUs.
     """
     if model.weights:
-        return load_pretrained(model.weights, dtype=dtype)
+        weights = model.weights
+        if weights.startswith("models:/"):  # a registered version: downloaded through the registry
+            from janus_lab.generation.loading import resolve_model_uri
+
+            weights = resolve_model_uri(weights)
+        return load_pretrained(weights, dtype=dtype)
     kwargs = {"image_size": model.image_size} if model.preset == "debug" else {}
     return PRESETS[model.preset](seed=init_seed, dtype=dtype, **kwargs)

@@ -56,7 +56,8 @@ def preflight(cfg: ExperimentConfig) -> tuple[dict, int, int, int]:
         manifest = DatasetManifest.read(cfg.data.uri)
     except (FileNotFoundError, ValueError) as error:  # missing, unfinished, or of another schema version
         raise PreflightError(f"data.uri={cfg.data.uri}: {error}") from None
-    if cfg.model.weights and not is_s3_uri(cfg.model.weights) and not os.path.isdir(cfg.model.weights):
+    weights = cfg.model.weights
+    if weights and not is_s3_uri(weights) and not weights.startswith("models:/") and not os.path.isdir(weights):
         raise PreflightError(f"model.weights={cfg.model.weights} does not exist; point it at a Hugging Face "
                              "format checkpoint folder (convert DeepSeek checkpoints with "
                              "`python -m janus_lab.model.convert`) or an s3:// prefix")
@@ -87,6 +88,29 @@ def preflight(cfg: ExperimentConfig) -> tuple[dict, int, int, int]:
     if cfg.train.max_steps:
         total = min(total, cfg.train.max_steps)
     return manifest, per_epoch, total, manifest.split_rows("val")
+
+
+def pin_registered_weights(cfg: ExperimentConfig) -> None:
+    """`model.weights=models:/name@alias` becomes the version the alias points at now, so that
+    every worker, every resume and the adapter this run may export name the same base.
+
+    Raises:
+        PreflightError: the registry does not have it.
+    """
+    from janus_lab.generation.loading import ModelSourceError, registered_version
+    from janus_lab.tracking import resolve_tracking_uri
+
+    if not (cfg.model.weights or "").startswith("models:/"):
+        return
+    from mlflow import MlflowClient
+
+    try:
+        version = registered_version(cfg.model.weights, MlflowClient(resolve_tracking_uri(cfg.tracking.tracking_uri)))
+    except ModelSourceError as err:
+        raise PreflightError(f"model.weights: {err}") from None
+    if version.uri != cfg.model.weights:
+        print(f"model.weights={cfg.model.weights} is {version.uri}: training on that version", flush=True)
+        cfg.model.weights = version.uri
 
 
 def dataset_layout(uri: str, manifest: DatasetManifest) -> DatasetLayout:
@@ -137,6 +161,7 @@ def run_finetune(cfg: ExperimentConfig, run: "RunLogger | None" = None, callback
                                     resolve_tracking_uri)
 
     manifest, per_epoch, total, val_rows = preflight(cfg)
+    pin_registered_weights(cfg)
     layout = dataset_layout(cfg.data.uri, manifest)
     storage_path, storage_fs = ray_storage(cfg.train.storage_path)
     run_dir = f"{cfg.train.storage_path.rstrip('/')}/{cfg.name}"

@@ -158,6 +158,10 @@ def train_loop_per_worker(plan_dict: dict) -> None:
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.train.seed)
 
+    if (cfg.model.weights or "").startswith("models:/") and plan.tracking_uri:
+        import mlflow
+
+        mlflow.set_tracking_uri(plan.tracking_uri)  # the registry the base is downloaded from
     bundle = build_bundle(cfg.model, init_seed=cfg.train.seed)
     check_dataset_tokenizer(bundle, plan.dataset_fingerprint, cfg.data.uri)
     lora = cfg.train.lora
