@@ -333,3 +333,34 @@ def test_a_killed_lora_worker_resumes_with_identical_losses(lora_uninterrupted, 
     again from its source, and the losses are the uninterrupted run's."""
     cfg = config(dataset, tmp_path, "lora-killed", "train.max_failures=2", *LORA)
     assert_killed_run_matches(cfg, lora_uninterrupted, tmp_path)
+
+
+def test_an_adapter_of_a_registered_version_is_promoted_and_loads_over_that_version(uninterrupted, local_stack,
+                                                                                    dataset, tmp_path):
+    """The whole registry path of an adapter: a registered base (named by its alias, pinned to its
+    version when the run starts), a LoRA run on it, the adapter promoted into its own registered
+    model, and `models:/<adapter>@champion` generating what the adapter over that base makes."""
+    import torch
+    from mlflow import MlflowClient
+
+    from janus_lab.generation import GenerationEngine, GenerationRequest
+    from janus_lab.generation.loading import load_generation_model
+    from janus_lab.registry import PromoteConfig, promote
+
+    _, full_run = uninterrupted
+    tracking = local_stack.mlflow_tracking_uri
+    base_name, adapter_name = f"lora-base-{os.getpid()}", f"lora-style-{os.getpid()}"
+    base_version = promote(PromoteConfig(run_id=full_run.mlflow_run_id, name=base_name, tracking_uri=tracking)).version
+    cfg = config(dataset, tmp_path, "lora-on-registry", *LORA, "train.max_steps=3", "train.eval_every=3",
+                 f"model.weights=models:/{base_name}@champion", f"tracking.tracking_uri={tracking}")
+    result = run_finetune(cfg)
+    assert cfg.model.weights == f"models:/{base_name}/{base_version}"  # pinned, not the moving alias
+
+    promoted = promote(PromoteConfig(run_id=result.mlflow_run_id, name=adapter_name, tracking_uri=tracking))
+    tags = MlflowClient(tracking).get_model_version(adapter_name, promoted.version).tags
+    assert tags["export_kind"] == "adapter" and tags["adapter_base"] == f"models:/{base_name}/{base_version}"
+
+    requests = [GenerationRequest("a red circle", parallel_size=2, temperature=0, seed=1)]
+    from_registry = GenerationEngine.from_bundle(load_generation_model(f"models:/{adapter_name}@champion"))
+    from_export = GenerationEngine.from_bundle(load_generation_model(result.export_uri))
+    assert torch.equal(from_registry.generate(requests)[0].codes, from_export.generate(requests)[0].codes)
