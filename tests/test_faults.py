@@ -129,3 +129,71 @@ def test_ingest_rides_out_an_s3_outage_while_writing_shards(fault_ray, outage_st
     assert result.s3_retries > 0, "the ingest never met the outage"
     manifest = assert_dataset_whole(uri, records)
     assert manifest.rows == result.manifest.rows == 80
+
+
+# --------------------------------------------------------------------------- 5. disk full
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 60 MiB tmpfs: one debug-model checkpoint (about 39.5 MB, 2 ranks of about 19.7 MB) fits; of
+    a second, each rank's part passes the free-space check alone and the copies together run
+    out of space: a real ENOSPC mid-copy."""
+    import subprocess
+
+    mount = tmp_path / "ckpt"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=60m", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}); run as root or with CAP_SYS_ADMIN")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.mark.timeout(180)
+def test_a_full_checkpoint_disk_stops_the_job_naming_path_and_bytes(fault_ray, small_tmpfs, tmp_path):
+    import ray.train
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from janus_lab.config import ExperimentConfig
+    from janus_lab.train.launch import run_finetune
+    from synthetic_shards import write_synthetic_dataset
+
+    dataset = write_synthetic_dataset(tmp_path / "shards")
+    cfg = load_config(ExperimentConfig, REPO / "jobs" / "configs" / "debug.yaml", [
+        "name=disk-full", f"data.uri={dataset}", f"train.storage_path={small_tmpfs}", "train.max_steps=2",
+        "train.report_every=1", "train.checkpoint_every=1", "train.eval_every=0",
+        f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"])
+    with pytest.raises(ray.train.TrainingFailedError) as failed:
+        run_finetune(cfg)
+    message = str(failed.value)
+    print(f"\ndisk full: {message[message.find('no space left'):][:400]}")
+    run_dir = small_tmpfs / "disk-full"
+    assert "no space left on the checkpoint path" in message and f"{run_dir}/checkpoint_0000002" in message
+    assert "bytes" in message.split("needs", 1)[1][:40]  # "needs N bytes"
+    # The second checkpoint left nothing behind; the first loads whole, at its step.
+    assert sorted(p.name for p in run_dir.glob("checkpoint_0*")) == ["checkpoint_0000001"]
+    dcp_to_torch_save(run_dir / "checkpoint_0000001", tmp_path / "last-good.pt")
+    import torch
+
+    state = torch.load(tmp_path / "last-good.pt", weights_only=False)["train"]
+    assert state["progress"]["step"] == 1
+    assert state["model"] and all(torch.isfinite(t).all() for t in state["model"].values() if torch.is_tensor(t))
+
+
+def test_a_failed_run_keeps_only_the_checkpoints_ray_train_registered(tmp_path):
+    import json
+
+    from janus_lab.train.launch import CHECKPOINT_SNAPSHOT, drop_unregistered_checkpoints
+
+    run = tmp_path / "run"
+    for name in ("checkpoint_0000001", "checkpoint_0000002"):
+        (run / name).mkdir(parents=True)
+        (run / name / "__0_0.distcp").write_bytes(b"x")
+    (run / CHECKPOINT_SNAPSHOT).write_text(json.dumps({"checkpoint_results": [
+        {"checkpoint_dir_name": "checkpoint_0000001", "metrics": {"step": 1}}]}))
+    assert drop_unregistered_checkpoints(str(run), None) == ["checkpoint_0000002"]
+    assert sorted(p.name for p in run.iterdir()) == sorted(["checkpoint_0000001", CHECKPOINT_SNAPSHOT])

@@ -26,14 +26,16 @@ from janus_lab.retry import with_s3_retries
 
 
 class CheckpointStorageFull(OSError):
-    """The checkpoint path has no room for a checkpoint."""
+    """The checkpoint path has no room for a checkpoint (errno ENOSPC; made by `of`, and plain
+    `(errno, message)` args so that it crosses from a Ray worker to the driver intact)."""
 
-    def __init__(self, path: str, needed: int, free: int | None, step: str):
-        self.path, self.needed, self.free = path, needed, free
+    @classmethod
+    def of(cls, path: str, needed: int, free: int | None, step: str, during_copy: bool = False):
         room = f"{free} bytes free there" if free is not None else "the device is full"
-        super().__init__(errno.ENOSPC, f"no space left on the checkpoint path {path}: {step} needs {needed} bytes, "
-                                       f"{room}. The last complete checkpoint is kept; free space there or set "
-                                       f"train.storage_path to a larger volume, then resubmit to resume")
+        when = "ran out of space copying it (removed)" if during_copy else "not copied"
+        return cls(errno.ENOSPC, f"no space left on the checkpoint path {path}: {step} needs {needed} bytes, "
+                                 f"{room}; {when}. The last complete checkpoint is kept; free space there or "
+                                 f"set train.storage_path to a larger volume, then resubmit to resume")
 
 
 def folder_bytes(folder: str | os.PathLike) -> int:
@@ -65,9 +67,11 @@ def checkpoint_uploader(retry: S3RetryConfig | None = None):
         target = storage.build_checkpoint_path_from_name(dir_name)
         local = isinstance(target_fs, pafs.LocalFileSystem)
         needed = folder_bytes(checkpoint.path)
-        step = f"{dir_name} (this rank's part)"
+        world = ray.train.get_context().get_world_size()
+        # Every rank copies its own part into the same folder at once: the folder needs them all.
+        step = f"{dir_name} (about {needed * world} bytes for its {world} ranks; this rank's part)"
         if local and free_bytes(target) < needed:
-            raise CheckpointStorageFull(target, needed, free_bytes(target), step)
+            raise CheckpointStorageFull.of(target, needed, free_bytes(target), step)
         where = target if local else f"s3://{target}"
         try:
             return with_s3_retries(lambda: storage.persist_current_checkpoint(checkpoint, dir_name),
@@ -76,7 +80,8 @@ def checkpoint_uploader(retry: S3RetryConfig | None = None):
             if not is_disk_full(error):
                 raise
             _remove(target_fs, target)
-            raise CheckpointStorageFull(target, needed, free_bytes(target) if local else None, step) from error
+            raise CheckpointStorageFull.of(target, needed, free_bytes(target) if local else None, step,
+                                           during_copy=True) from error
 
     return upload
 
