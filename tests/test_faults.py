@@ -13,7 +13,7 @@ loaded, requests counted. Timings are measured and printed (docs/reliability.md)
 
 from __future__ import annotations
 
-import logging
+import os
 import time
 import uuid
 from pathlib import Path
@@ -22,9 +22,10 @@ import pyarrow.parquet as pq
 import pytest
 from pyarrow import fs as pafs
 
-from faults import S3Outage
-from janus_lab.config import IngestConfig, load_config
+from faults import OUTAGE_S, S3Outage
+from janus_lab.config import IngestConfig, S3RetryConfig, load_config
 from janus_lab.data import MANIFEST_NAME, REJECTS_NAME, DatasetManifest, read_shards, run_ingest, write_sample_dataset
+from janus_lab.retry import S3UnavailableError
 from janus_lab.stack import LocalStack
 from janus_lab.storage import pyarrow_filesystem
 
@@ -38,11 +39,10 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def outage_stack(tmp_path_factory):
-    """An S3-only stack of this module's own, whose SeaweedFS the tests stop and start; the
-    session's stack (MLflow, other tests' data) is left alone. Its AWS_* variables are set for
+    """An S3 + MLflow stack of this module's own, whose services the tests stop and start; the
+    session's stack (other tests' data and runs) is left alone. Its AWS_* variables are set for
     the module and given to the module's Ray cluster."""
-    stack = LocalStack.with_free_ports(tmp_path_factory.mktemp("outage-stack"), with_ray=False,
-                                       with_mlflow=False, verbose=False)
+    stack = LocalStack.with_free_ports(tmp_path_factory.mktemp("outage-stack"), with_ray=False, verbose=False)
     stack.up()
     try:
         with pytest.MonkeyPatch.context() as patch:
@@ -114,21 +114,136 @@ def ingest_config(source: str, output: str, *overrides: str) -> IngestConfig:
 # --------------------------------------------------------------------------- 1. S3 unavailable
 
 
-@pytest.mark.timeout(240)
-def test_ingest_rides_out_an_s3_outage_while_writing_shards(fault_ray, outage_stack, sample_source, caplog):
-    uri = f"s3://{outage_stack.bucket}/faults/ingest-{uuid.uuid4().hex[:8]}"
+def reads_during(outage: S3Outage, layout, model_uri: str, cache: Path, results: dict):
+    """Once S3 is down: the training stream's read of the train split, a model folder's download
+    (what a Serve replica does for a new champion), and the same read with a budget shorter than
+    the outage, each in a thread of its own; returns the threads."""
+    import threading
+
+    from janus_lab.data.stream import read_split
+    from janus_lab.storage import download_prefix
+
+    patient = S3RetryConfig(attempts=14, first_delay_s=1, max_delay_s=4)
+    short = S3RetryConfig(attempts=2, first_delay_s=0.5, max_delay_s=0.5)
+    calls = {
+        "stream": lambda: [row["id"] for row in read_split(layout, "train", retry=patient)],
+        "download": lambda: download_prefix(model_uri, cache, retry=patient),
+        "short": lambda: read_split(layout, "train", retry=short),
+    }
+
+    def run(name, call):
+        while outage.stopped_at is None or time.monotonic() < outage.stopped_at + 1.5:
+            time.sleep(0.05)
+        try:
+            results[name] = call()
+        except Exception as error:  # noqa: BLE001 - checked by the test
+            results[name] = error
+        results[f"{name}_done"] = time.monotonic()
+
+    threads = [threading.Thread(target=run, args=item, daemon=True) for item in calls.items()]
+    for thread in threads:
+        thread.start()
+    return threads
+
+
+@pytest.mark.timeout(300)
+def test_an_s3_outage_mid_run_loses_nothing_and_a_short_budget_fails_naming_s3(fault_ray, outage_stack,
+                                                                                sample_source, tmp_path):
+    """SeaweedFS stopped once an ingest has staged its first shard, while training reads and a
+    model download run too: the ingest finishes whole, the reads return every row once, the
+    download is byte-identical; a budget shorter than the outage fails naming S3 and the URI,
+    and run again once S3 is back, completes."""
+    from janus_lab.data.stream import read_split, scan_layout
+    from janus_lab.storage import upload_folder
+    from synthetic_shards import write_synthetic_dataset
+
+    base = f"s3://{outage_stack.bucket}/faults/outage-{uuid.uuid4().hex[:8]}"
+    upload_folder(write_synthetic_dataset(tmp_path / "shards"), f"{base}/dataset")
+    model = tmp_path / "model"
+    model.mkdir()
+    for name, size in (("config.json", 100), ("model.safetensors", 3_000_000)):
+        (model / name).write_bytes(os.urandom(size))
+    upload_folder(model, f"{base}/model")
+    layout = scan_layout(f"{base}/dataset")
+    expected = [row["id"] for row in read_split(layout, "train")]
+
+    uri = f"{base}/ingest"
     source, records = sample_source
     outage = S3Outage(outage_stack, trigger=staged_shard_exists(uri)).start()
+    results: dict = {}
+    threads = reads_during(outage, layout, f"{base}/model", tmp_path / "cache", results)
     began = time.monotonic()
-    with caplog.at_level(logging.WARNING, logger="janus_lab.retry"):
-        result = run_ingest(ingest_config(source, uri, *RETRY))
+    result = run_ingest(ingest_config(source, uri, *RETRY))
+    ingest_done = time.monotonic()
+    for thread in threads:
+        thread.join(150)
     outage.join()
-    print(f"\ningest: S3 down {outage.down_s:.1f} s from the first staged shard; ingest took "
-          f"{time.monotonic() - began:.1f} s, {result.s3_retries} storage steps retried")
-    assert outage.stopped_at < outage.restarted_at  # the fault really happened mid-run
-    assert result.s3_retries > 0, "the ingest never met the outage"
+    print(f"\nS3 down {outage.down_s:.1f} s (stop to answering again), from the first staged shard. Ingest: "
+          f"{ingest_done - began:.1f} s, {result.s3_retries} storage steps retried, done "
+          f"{ingest_done - outage.restarted_at:.1f} s after S3 was back. Stream read done "
+          f"{results['stream_done'] - outage.restarted_at:.1f} s, download "
+          f"{results['download_done'] - outage.restarted_at:.1f} s after. Short budget: {str(results['short'])[:200]}")
+    # The fault really happened mid-run, and the ingest met it.
+    assert outage.stopped_at < outage.restarted_at and result.s3_retries > 0
     manifest = assert_dataset_whole(uri, records)
     assert manifest.rows == result.manifest.rows == 80
+    assert results["stream"] == expected  # every row once, in the same order
+    folder = results["download"]
+    assert isinstance(folder, Path), folder
+    assert sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) == sorted(
+        p.name for p in model.iterdir())
+    assert all((folder / f.name).read_bytes() == f.read_bytes() for f in model.iterdir())
+    error = results["short"]
+    assert isinstance(error, S3UnavailableError), error
+    assert "S3 unavailable reading row groups of" in str(error) and f"{base}/dataset" in str(error)
+    assert "retry.attempts" in str(error)
+    # The rerun, with S3 back, completes.
+    short = S3RetryConfig(attempts=2, first_delay_s=0.5, max_delay_s=0.5)
+    assert [row["id"] for row in read_split(layout, "train", retry=short)] == expected
+
+
+# --------------------------------------------------------------------------- 2. MLflow unavailable
+
+
+@pytest.mark.timeout(180)
+def test_metrics_logged_while_mlflow_is_down_arrive_once_each_in_order(outage_stack):
+    """The MLflow server process stopped for the middle third of a run's steps: logging never
+    waits on it, and once it is back every step is in the run's history exactly once."""
+    from mlflow import MlflowClient
+
+    from janus_lab.tracking import BufferedRunLogger
+
+    uri = outage_stack.mlflow_tracking_uri
+    logger = BufferedRunLogger.open_run(uri, "faults", f"mlflow-outage-{uuid.uuid4().hex[:6]}", params={}, tags={})
+    logger.retry_delay_s = 1.0
+    for step in range(1, 11):
+        logger.log_metrics({"loss": 1.0 / step}, step)
+    logger.flush(60)
+    outage_stack.stop_service("mlflow", timeout_s=1.0)
+    stopped = time.monotonic()
+    waits = []
+    for step in range(11, 31):
+        began = time.monotonic()
+        logger.log_metrics({"loss": 1.0 / step}, step)
+        waits.append(time.monotonic() - began)
+        time.sleep(0.2)  # a training step
+    queued_while_down = logger.pending()
+    time.sleep(max(0.0, OUTAGE_S - (time.monotonic() - stopped)))
+    outage_stack.up()
+    restarted = time.monotonic()
+    for step in range(31, 41):
+        logger.log_metrics({"loss": 1.0 / step}, step)
+    logger.flush(120)
+    flushed = time.monotonic()
+    logger.end()
+    history = MlflowClient(uri).get_metric_history(logger.run_id, "loss")
+    steps = sorted(m.step for m in history)
+    print(f"\nMLflow down {restarted - stopped:.1f} s; {queued_while_down} metric batches queued meanwhile, "
+          f"longest log_metrics call {max(waits) * 1000:.1f} ms; all sent {flushed - restarted:.1f} s after the "
+          f"server was back; {logger.outages} outage(s) seen; history has {len(steps)} points")
+    assert queued_while_down > 0  # the outage really held metrics back
+    assert steps == list(range(1, 41))  # none lost, none twice
+    assert all(abs(m.value - 1.0 / m.step) < 1e-9 for m in history)
 
 
 # --------------------------------------------------------------------------- 5. disk full
@@ -197,3 +312,137 @@ def test_a_failed_run_keeps_only_the_checkpoints_ray_train_registered(tmp_path):
         {"checkpoint_dir_name": "checkpoint_0000001", "metrics": {"step": 1}}]}))
     assert drop_unregistered_checkpoints(str(run), None) == ["checkpoint_0000002"]
     assert sorted(p.name for p in run.iterdir()) == sorted(["checkpoint_0000001", CHECKPOINT_SNAPSHOT])
+
+
+# --------------------------------------------------------------------------- 3. a Serve replica killed under load
+
+SERVE_APP = "janus-faults"
+MODEL_OPTIONS = {
+    "max_ongoing_requests": 2, "max_queued_requests": 16, "graceful_shutdown_timeout_s": 2,
+    "user_config": {"max_batch_size": 2, "batch_wait_timeout_s": 0.02, "registry_poll_s": 0},
+    "autoscaling_config": {"min_replicas": 1, "initial_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2,
+                           "upscale_delay_s": 1, "downscale_delay_s": 30, "metrics_interval_s": 0.5,
+                           "look_back_period_s": 2},
+}
+
+
+@pytest.fixture(scope="module")
+def fault_server(fault_ray):
+    """serve/config.yaml's application on the debug model, in the module's cluster; yields its URL."""
+    from ray import serve
+
+    from conftest import free_port
+    from serve_apps import bind_application, deployment_options, serve_config
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    options = deployment_options()
+    options["ImageModel"].update(MODEL_OPTIONS)
+    application = serve_config()["applications"][0]
+    args = {**application["args"], "model": "debug",
+            "access": {**application["args"]["access"], "requests_per_minute": 0, "images_per_minute": 0}}
+    serve.run(bind_application(args, options), name=SERVE_APP, route_prefix="/")
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+
+
+def model_replicas() -> set[str]:
+    """Names of the live ImageModel replica actors of the app."""
+    import ray
+    from ray.util.state import list_actors
+
+    return {actor.name for actor in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+            if actor.name and SERVE_APP in actor.name and "ImageModel" in actor.name} if ray.is_initialized() else set()
+
+
+class Tally:
+    """Requests sent, answered 200, failed cleanly (a 5xx with an OpenAI-shaped error body) and
+    lost (anything else: a dropped connection, a timeout, a bare 500)."""
+
+    def __init__(self):
+        import threading
+
+        self.lock = threading.Lock()
+        self.sent = self.ok = self.clean_5xx = self.lost = 0
+        self.lost_detail: list[str] = []
+
+    def send(self, base: str, seed: int) -> None:
+        import requests
+
+        with self.lock:
+            self.sent += 1
+        try:
+            response = requests.post(f"{base}/v1/images/generations", json={"prompt": "a red circle", "seed": seed},
+                                     timeout=90)
+            outcome = self._classify(response)
+        except requests.RequestException as error:
+            outcome = f"lost: {type(error).__name__}"
+        with self.lock:
+            if outcome == "ok":
+                self.ok += 1
+            elif outcome == "clean":
+                self.clean_5xx += 1
+            else:
+                self.lost += 1
+                self.lost_detail.append(outcome)
+
+    @staticmethod
+    def _classify(response) -> str:
+        if response.status_code == 200 and response.json()["data"]:
+            return "ok"
+        try:
+            error = response.json()["error"]
+        except ValueError:
+            error = None
+        if response.status_code >= 500 and error and error.get("message"):
+            return "clean"
+        return f"lost: HTTP {response.status_code} {response.text[:200]}"
+
+
+@pytest.mark.timeout(240)
+def test_a_replica_killed_under_load_loses_no_request_and_is_replaced(fault_server):
+    import threading
+
+    import ray
+
+    tally, stop = Tally(), threading.Event()
+    assert Tally._classify(__import__("requests").get(f"{fault_server}/healthz")) != "ok" or True
+
+    def client(worker: int) -> None:
+        seed = worker * 100_000
+        while not stop.is_set():
+            seed += 1
+            tally.send(fault_server, seed)
+
+    clients = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(4)]
+    for thread in clients:
+        thread.start()
+    deadline = time.monotonic() + 120
+    while tally.ok < 4:  # under load: answers flowing, requests in flight
+        assert time.monotonic() < deadline, "the server answered nothing"
+        time.sleep(0.1)
+    before = model_replicas()
+    victim = sorted(before)[0]
+    sent_at_kill = tally.sent
+    ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+    killed_at = time.monotonic()
+    replaced_at = None
+    while replaced_at is None and time.monotonic() < killed_at + 120:
+        if model_replicas() - before:
+            replaced_at = time.monotonic()
+        time.sleep(0.25)
+    time.sleep(3)  # load goes on over the new replica
+    stop.set()
+    for thread in clients:
+        thread.join(120)
+    print(f"\nreplica kill: sent {tally.sent} ({sent_at_kill} before the kill), 200 {tally.ok}, clean 5xx "
+          f"{tally.clean_5xx}, lost {tally.lost}; a new replica ran "
+          f"{'%.1f s' % (replaced_at - killed_at) if replaced_at else 'never'} after the kill")
+    assert tally.lost == 0, tally.lost_detail[:5]
+    assert tally.sent == tally.ok + tally.clean_5xx and tally.sent > sent_at_kill
+    assert replaced_at is not None, "the controller never started a replica in place of the killed one"
+    assert victim not in model_replicas()
+    assert Tally._classify(__import__("requests").post(
+        f"{fault_server}/v1/images/generations", json={"prompt": "after the kill", "seed": 1}, timeout=90)) == "ok"

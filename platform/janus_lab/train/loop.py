@@ -155,9 +155,10 @@ def train_loop_per_worker(plan_dict: dict) -> None:
             print(f"resumed from step {state.progress.step} (epoch {state.progress.epoch}, "
                   f"micro-batch {state.progress.micro_batches_in_epoch})", flush=True)
 
-    from janus_lab.tracking import RunLogger
+    from janus_lab.tracking import BufferedRunLogger
 
-    logger = RunLogger(plan.tracking_uri, plan.run_id, active=rank == 0) if plan.run_id else None
+    # Buffered: an MLflow outage mid-run holds metrics back, never the training (docs/reliability.md).
+    logger = BufferedRunLogger(plan.tracking_uri, plan.run_id, active=rank == 0) if plan.run_id else None
     builder = SequenceBuilder(bundle.processor.tokenizer, bundle.num_image_tokens, cfg.data.max_text_tokens)
     accumulation = cfg.train.gradient_accumulation_steps
     peak = _peak_flops(device)
@@ -241,6 +242,8 @@ def train_loop_per_worker(plan_dict: dict) -> None:
         export(objective, bundle, plan.export_uri, rank)
         if logger:
             logger.set_tags({"export_uri": plan.export_uri})
+    if logger:
+        logger.flush()  # every step's metrics reach the run before the worker exits
 
 
 def _report(state: TrainState, metrics: dict, save: bool, retry=None) -> None:
