@@ -219,7 +219,7 @@ class TrackingUnavailableError(ConnectionError):
 
 class BufferedRunLogger(RunLogger):
     """A `RunLogger` whose metrics, sample images and tags go to MLflow from a background thread,
-    so training never waits for the tracking server (docs/reliability.md, "MLflow unavailable").
+    so training never waits for the tracking server (docs/reliability.md).
 
     While the server does not answer, what was logged stays queued, in order, and the thread
     retries the oldest item with backoff, saying once per outage what it holds. Each metric
