@@ -16,6 +16,8 @@ from janus_lab.stack import LocalStack
 
 OUTAGE_S = float(os.environ.get("JANUS_FAULT_OUTAGE_S", "10"))
 """How long tests keep S3 down; the issue's 30 s is a run with JANUS_FAULT_OUTAGE_S=30 (docs/reliability.md)."""
+MLFLOW_OUTAGE_S = float(os.environ.get("JANUS_FAULT_MLFLOW_OUTAGE_S", "10"))
+"""How long tests keep the MLflow server down; the issue's 60 s is JANUS_FAULT_MLFLOW_OUTAGE_S=60."""
 
 
 @dataclass
