@@ -67,6 +67,17 @@ def backoff_delays(policy: S3RetryConfig) -> list[float]:
     return [min(policy.first_delay_s * 2**i, policy.max_delay_s) for i in range(policy.attempts - 1)]
 
 
+def sdk_retry_attempts(policy: S3RetryConfig | None = None) -> int:
+    """Tries for pyarrow's own S3 retry strategy (the AWS SDK's: 25 ms, doubling) that wait at
+    least as long in all as `policy`: for storage calls made by code we do not wrap (Ray Train's
+    controller writing its state and the checkpoints it copies)."""
+    budget = sum(backoff_delays(policy or S3RetryConfig()))
+    attempts = 1
+    while 0.025 * (2 ** (attempts - 1) - 1) < budget:
+        attempts += 1
+    return attempts
+
+
 def with_s3_retries(call: Callable[[], T], what: str, uri: str, policy: S3RetryConfig | None = None,
                     setting: str = "retry", on_retry: Callable[[], None] | None = None) -> T:
     """Calls `call()` until it succeeds, retrying while S3 is unavailable.

@@ -39,8 +39,13 @@ def s3_filesystem():
     return s3fs.S3FileSystem(client_kwargs=client_kwargs, use_listings_cache=False)
 
 
-def pyarrow_filesystem(uri: str):
-    """A pyarrow filesystem and the path inside it for a local path or an `s3://` URI."""
+def pyarrow_filesystem(uri: str, retry_attempts: int | None = None):
+    """A pyarrow filesystem and the path inside it for a local path or an `s3://` URI.
+
+    Args:
+        retry_attempts: tries of pyarrow's own S3 retry strategy (default: its 3);
+            `janus_lab.retry.sdk_retry_attempts` turns a retry budget into a count.
+    """
     from pyarrow import fs as pafs
 
     if not is_s3_uri(uri):
@@ -50,6 +55,8 @@ def pyarrow_filesystem(uri: str):
     if endpoint:
         scheme, _, host = endpoint.partition("://")
         kwargs.update(endpoint_override=host, scheme=scheme)
+    if retry_attempts:
+        kwargs["retry_strategy"] = pafs.AwsDefaultS3RetryStrategy(max_attempts=retry_attempts)
     return pafs.S3FileSystem(**kwargs), strip_scheme(uri)
 
 

@@ -138,7 +138,7 @@ def run_finetune(cfg: ExperimentConfig, run: "RunLogger | None" = None, callback
 
     manifest, per_epoch, total, val_rows = preflight(cfg)
     layout = dataset_layout(cfg.data.uri, manifest)
-    storage_path, storage_fs = ray_storage(cfg.train.storage_path)
+    storage_path, storage_fs = ray_storage(cfg.train.storage_path, cfg.retry)
     run_dir = f"{cfg.train.storage_path.rstrip('/')}/{cfg.name}"
     export_uri = f"{run_dir}/export"
 
