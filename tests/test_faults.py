@@ -451,3 +451,31 @@ def test_a_replica_killed_under_load_loses_no_request_and_is_replaced(fault_serv
     assert victim not in model_replicas()
     assert Tally._classify(requests.post(f"{fault_server}/v1/images/generations",
                                          json={"prompt": "after the kill", "seed": 1}, timeout=90)) == "ok"
+
+
+def test_a_call_whose_replica_died_goes_again_then_becomes_a_clean_503():
+    """The API's own fallback under Serve's rerouting (which answered every request in the kill
+    test above): a dead replica's call is sent again, and past `REPLICA_RETRIES` it is a 503."""
+    import asyncio
+
+    from ray.exceptions import ActorDiedError
+
+    from janus_lab.serving.api import REPLICA_RETRIES, ApiError, ImageApi
+
+    def failing(times: int):
+        calls = []
+
+        async def call():
+            calls.append(1)
+            if len(calls) <= times:
+                raise ActorDiedError()
+            return {"ok": len(calls)}
+
+        return call
+
+    call_model = ImageApi.func_or_class._call_model
+    assert asyncio.run(call_model(failing(REPLICA_RETRIES), "a generation")) == {"ok": REPLICA_RETRIES + 1}
+    with pytest.raises(ApiError) as refused:
+        asyncio.run(call_model(failing(REPLICA_RETRIES + 1), "a generation"))
+    assert (refused.value.status, refused.value.code) == (503, "replica_unavailable")
+    assert refused.value.headers["Retry-After"].isdigit()
