@@ -479,3 +479,18 @@ def test_a_call_whose_replica_died_goes_again_then_becomes_a_clean_503():
         asyncio.run(call_model(failing(REPLICA_RETRIES + 1), "a generation"))
     assert (refused.value.status, refused.value.code) == (503, "replica_unavailable")
     assert refused.value.headers["Retry-After"].isdigit()
+
+
+def test_only_errors_that_mean_s3_did_not_answer_are_retried():
+    import errno
+
+    from janus_lab.retry import is_unavailable
+
+    assert is_unavailable(OSError("When reading information for key 'a/b' in bucket 'j': AWS Error "
+                                  "NETWORK_CONNECTION during HeadObject operation: curlCode: 7"))
+    assert is_unavailable(OSError("AWS Error INTERNAL_FAILURE during GetObject operation: We encountered an "
+                                  "internal error, please try again."))
+    assert is_unavailable(OSError("An error occurred (503) when calling the PutObject operation"))
+    assert not is_unavailable(OSError("AWS Error ACCESS_DENIED for key 'runs/part-503.parquet'"))
+    assert not is_unavailable(FileNotFoundError("s3://j/none"))
+    assert not is_unavailable(OSError(errno.ENOSPC, "No space left on device"))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import re
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -32,8 +33,10 @@ _UNAVAILABLE_MARKERS = (
     "connection reset", "connection aborted", "remotedisconnected", "failed to connect",
     "endpointconnectionerror", "connect timeout", "read timeout", "timed out",
     "serviceunavailable", "service unavailable", "slowdown", "internalerror", "internal_failure",
-    "we encountered an internal error", "503", "502", "504",
+    "we encountered an internal error",
 )
+# An HTTP 502/503/504 status in a message, not digits inside a key or path ("part-503.parquet").
+_GATEWAY_STATUS = re.compile(r"(?<![\w/.-])50[234](?![\w/.-])")
 
 
 class S3UnavailableError(ConnectionError):
@@ -59,7 +62,7 @@ def is_unavailable(error: BaseException) -> bool:
     except ImportError:
         pass
     text = f"{type(error).__name__}: {error}".lower()
-    return any(marker.lower() in text for marker in _UNAVAILABLE_MARKERS)
+    return any(marker.lower() in text for marker in _UNAVAILABLE_MARKERS) or bool(_GATEWAY_STATUS.search(text))
 
 
 def backoff_delays(policy: S3RetryConfig) -> list[float]:
