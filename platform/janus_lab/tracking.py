@@ -301,8 +301,8 @@ class BufferedRunLogger(RunLogger):
         if left:
             raise TrackingUnavailableError(
                 f"the MLflow server {self.tracking_uri} did not take {left} queued items (metrics of some steps, "
-                f"images or tags) of run {self.run_id} within {timeout_s:.0f} s; training itself finished. Bring the "
-                "server back and rerun the job: it resumes from its last checkpoint into the same run")
+                f"images or tags) of run {self.run_id} within {timeout_s:.0f} s: they are missing from the run's "
+                "history. Training, its checkpoints and the export are complete; check the server (MLFLOW_TRACKING_URI)")
 
     def _put(self, item) -> None:
         with self._wake:
