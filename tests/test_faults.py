@@ -202,6 +202,53 @@ def test_an_s3_outage_mid_run_loses_nothing_and_a_short_budget_fails_naming_s3(f
     assert [row["id"] for row in read_split(layout, "train", retry=short)] == expected
 
 
+@pytest.mark.timeout(300)
+def test_a_fit_rides_out_an_s3_outage_while_uploading_a_checkpoint(fault_ray, outage_stack, tmp_path):
+    """SeaweedFS stopped as the first checkpoint's folder appears (its upload under way): the
+    upload retries, Ray Train's controller writes its record through the retrying filesystem,
+    and the run finishes every step with its checkpoints whole."""
+    from mlflow import MlflowClient
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from janus_lab.config import ExperimentConfig
+    from janus_lab.storage import download_prefix, upload_folder
+    from janus_lab.train.launch import run_finetune
+    from synthetic_shards import write_synthetic_dataset
+
+    base = f"s3://{outage_stack.bucket}/faults/fit-{uuid.uuid4().hex[:8]}"
+    upload_folder(write_synthetic_dataset(tmp_path / "shards"), f"{base}/dataset")
+    cfg = load_config(ExperimentConfig, REPO / "jobs" / "configs" / "debug.yaml", [
+        "name=fit-outage", f"data.uri={base}/dataset", f"train.storage_path={base}/runs", "train.max_steps=6",
+        "train.report_every=3", "train.checkpoint_every=3", "train.eval_every=0", "train.global_batch_size=8",
+        "train.epochs=2", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", *RETRY])
+    run_dir = f"{base}/runs/fit-outage"
+
+    def checkpoint_started() -> bool:
+        try:
+            return any(name.startswith("checkpoint_0") for name in object_names(run_dir))
+        except OSError:
+            return False
+
+    outage = S3Outage(outage_stack, trigger=checkpoint_started).start()
+    began = time.monotonic()
+    result = run_finetune(cfg)
+    finished = time.monotonic()
+    outage.join()
+    print(f"\nfit: S3 down {outage.down_s:.1f} s from the first checkpoint's upload; the 6-step run took "
+          f"{finished - began:.1f} s, done {finished - outage.restarted_at:.1f} s after S3 was back")
+    assert outage.stopped_at < finished and result.metrics["step"] == 6
+    assert result.checkpoint_path.endswith("checkpoint_0000006")
+    history = MlflowClient(cfg.tracking.tracking_uri).get_metric_history(result.mlflow_run_id, "loss")
+    assert sorted(m.step for m in history) == [3, 6]
+    names = object_names(run_dir)
+    assert {n.split("/")[0] for n in names if n.startswith("checkpoint_0")} == {"checkpoint_0000003",
+                                                                               "checkpoint_0000006"}
+    dcp_to_torch_save(download_prefix(f"{run_dir}/checkpoint_0000006", tmp_path / "cache"), tmp_path / "last.pt")
+    import torch
+
+    assert torch.load(tmp_path / "last.pt", weights_only=False)["train"]["progress"]["step"] == 6
+
+
 # --------------------------------------------------------------------------- 2. MLflow unavailable
 
 
