@@ -36,12 +36,18 @@ def connect_ray() -> None:
     ray.init(runtime_env=None if in_submitted_job() else {"env_vars": forwarded_env()})
 
 
-def ray_storage(uri: str):
+def ray_storage(uri: str, retry=None):
     """Ray Train's and Tune's `storage_path` and `storage_filesystem` for a local folder (an
     absolute path, no filesystem: Ray's default) or an `s3://` prefix (`bucket/key` and a pyarrow
-    S3 filesystem configured from the environment, which Ray's own URI handling would not be)."""
+    S3 filesystem configured from the environment, which Ray's own URI handling would not be).
+
+    The S3 filesystem retries inside pyarrow for as long as `retry` (an `S3RetryConfig`) allows:
+    Ray Train's controller writes its checkpoint record through it with no retry of its own,
+    and one refused write during an S3 outage failed the whole run (docs/reliability.md).
+    """
+    from janus_lab.retry import sdk_retry_attempts
     from janus_lab.storage import is_s3_uri, pyarrow_filesystem, strip_scheme
 
     if is_s3_uri(uri):
-        return strip_scheme(uri).rstrip("/"), pyarrow_filesystem(uri)[0]
+        return strip_scheme(uri).rstrip("/"), pyarrow_filesystem(uri, sdk_retry_attempts(retry))[0]
     return os.path.abspath(uri), None

@@ -68,6 +68,23 @@ def _check_not_empty(cfg: Any, *names: str) -> None:
 
 
 @dataclasses.dataclass
+class S3RetryConfig:
+    """How long a job waits out an S3 outage before it fails (`janus_lab.retry`, docs/reliability.md)."""
+
+    attempts: int = 8
+    """Tries of one storage step (a shard write, a window read, a checkpoint upload) while S3 does
+    not answer; 1 = no retry. The defaults wait 1+2+4+8+16+30+30 s, about 1.5 min, in all."""
+    first_delay_s: float = 1.0
+    """Wait before the first retry; each later wait doubles."""
+    max_delay_s: float = 30.0
+    """Longest single wait."""
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "attempts")
+        _check_non_negative(self, "first_delay_s", "max_delay_s")
+
+
+@dataclasses.dataclass
 class ModelConfig:
     """Which Janus-Pro network to build, from which weights, at which precision."""
 
@@ -288,6 +305,8 @@ class ExperimentConfig:
     """Optimizer, schedule, batch geometry, workers and checkpoints."""
     tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
     """MLflow experiment and run."""
+    retry: S3RetryConfig = dataclasses.field(default_factory=S3RetryConfig)
+    """How long reading shards and uploading checkpoints wait out an S3 outage."""
 
     def __post_init__(self) -> None:
         _check_not_empty(self, "name")
@@ -400,6 +419,8 @@ class IngestConfig:
     """Train/validation split."""
     ray: IngestRayConfig = dataclasses.field(default_factory=IngestRayConfig)
     """Actors, batch sizes and task sizes."""
+    retry: S3RetryConfig = dataclasses.field(default_factory=S3RetryConfig)
+    """How long writing shards, the rejects and the manifest wait out an S3 outage."""
 
 
 # --------------------------------------------------------------------------- sweeps

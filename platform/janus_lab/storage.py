@@ -39,8 +39,13 @@ def s3_filesystem():
     return s3fs.S3FileSystem(client_kwargs=client_kwargs, use_listings_cache=False)
 
 
-def pyarrow_filesystem(uri: str):
-    """A pyarrow filesystem and the path inside it for a local path or an `s3://` URI."""
+def pyarrow_filesystem(uri: str, retry_attempts: int | None = None):
+    """A pyarrow filesystem and the path inside it for a local path or an `s3://` URI.
+
+    Args:
+        retry_attempts: tries of pyarrow's own S3 retry strategy (default: its 3);
+            `janus_lab.retry.sdk_retry_attempts` turns a retry budget into a count.
+    """
     from pyarrow import fs as pafs
 
     if not is_s3_uri(uri):
@@ -50,6 +55,8 @@ def pyarrow_filesystem(uri: str):
     if endpoint:
         scheme, _, host = endpoint.partition("://")
         kwargs.update(endpoint_override=host, scheme=scheme)
+    if retry_attempts:
+        kwargs["retry_strategy"] = pafs.AwsDefaultS3RetryStrategy(max_attempts=retry_attempts)
     return pafs.S3FileSystem(**kwargs), strip_scheme(uri)
 
 
@@ -58,7 +65,7 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("JANUS_CACHE_DIR", Path.home() / ".cache" / "janus-lab"))
 
 
-def download_prefix(uri: str, cache_dir: str | os.PathLike | None = None) -> Path:
+def download_prefix(uri: str, cache_dir: str | os.PathLike | None = None, retry=None) -> Path:
     """Copies every object under an `s3://` prefix into a local cache folder.
 
     The cache is reused while the remote listing (keys, sizes, ETags) is unchanged; a download
@@ -66,17 +73,23 @@ def download_prefix(uri: str, cache_dir: str | os.PathLike | None = None) -> Pat
     is never mistaken for a complete one. Processes that share the cache (the encoder actors or
     replicas of one node) take a file lock: one downloads, the others wait and reuse its copy,
     and a folder another process may be reading is never swapped under it for the same listing.
+    The listing and each file are retried through an S3 outage (`retry`, an `S3RetryConfig`;
+    `janus_lab.retry`): a replica loading a new champion waits for S3 instead of failing.
 
     Returns:
         The local folder mirroring the prefix.
 
     Raises:
         FileNotFoundError: nothing exists under the prefix.
+        janus_lab.retry.S3UnavailableError: S3 did not answer within the retry budget.
     """
+    from janus_lab.retry import with_s3_retries
+
     fs = s3_filesystem()
     prefix = strip_scheme(uri).rstrip("/")
     listing = {}
-    for key, info in sorted(fs.find(prefix, detail=True).items()):
+    found = with_s3_retries(lambda: fs.find(prefix, detail=True), "listing", uri, retry)
+    for key, info in sorted(found.items()):
         listing[key[len(prefix):].lstrip("/")] = [info.get("size"), str(info.get("ETag", ""))]
     if not listing:
         raise FileNotFoundError(f"no objects under {uri}")
@@ -98,7 +111,8 @@ def download_prefix(uri: str, cache_dir: str | os.PathLike | None = None) -> Pat
             for relative in listing:
                 local = staging / relative
                 local.parent.mkdir(parents=True, exist_ok=True)
-                fs.get_file(f"{prefix}/{relative}", str(local))
+                source = f"{prefix}/{relative}"
+                with_s3_retries(lambda: fs.get_file(source, str(local)), "downloading", f"s3://{source}", retry)
             (staging / marker.name).write_text(json.dumps(listing))
             if target.exists():
                 shutil.rmtree(target)

@@ -211,3 +211,142 @@ class RunLogger:
             experiment_id = MlflowClient(self.tracking_uri).get_run(self.run_id).info.experiment_id
             return f"{self.tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{self.run_id}"
         return f"{self.tracking_uri} run {self.run_id}"
+
+
+class TrackingUnavailableError(ConnectionError):
+    """The MLflow server stayed away longer than a buffered logger could wait at the end."""
+
+
+class BufferedRunLogger(RunLogger):
+    """A `RunLogger` whose metrics, sample images and tags go to MLflow from a background thread,
+    so training never waits for the tracking server (docs/reliability.md).
+
+    While the server does not answer, what was logged stays queued, in order, and the thread
+    retries the oldest item with backoff, saying once per outage what it holds. Each metric
+    keeps the timestamp of its `log_metrics` call, so sending a batch again after a lost answer
+    writes rows MLflow already has (its SQL store skips exact duplicates), not new steps.
+    `flush` (called before the training function returns) waits for the queue to drain and
+    raises `TrackingUnavailableError`, naming the server and what is unsent, past its deadline.
+
+    Args:
+        retry_delay_s: longest wait between tries while the server is away.
+    """
+
+    def __init__(self, tracking_uri: str, run_id: str, active: bool = True, retry_delay_s: float = 5.0):
+        if active:
+            # MLflow's client retries a refused connection for about four minutes inside one call
+            # (check_tracking_server); this thread retries by itself, and a call stuck that long
+            # would hold queued steps back well after the server returned. Only this process's
+            # MLflow calls are affected: the logging rank's, which all go through here.
+            os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+            os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "30"
+        super().__init__(tracking_uri, run_id, active)
+        import collections
+        import threading
+
+        self.retry_delay_s = retry_delay_s
+        self._queue: collections.deque = collections.deque()
+        self._wake = threading.Condition()
+        self._files = tempfile.TemporaryDirectory(prefix="janus-mlflow-") if active else None
+        self._thread = threading.Thread(target=self._send_forever, name="mlflow-sender", daemon=True)
+        self.outages = 0
+        """How many times the server stopped answering while items were queued."""
+        if active:
+            self._thread.start()
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        if not self.active:
+            return
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self._put(("metrics", [Metric(k, float(v), now, step) for k, v in metrics.items()]))
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        if self.active:
+            self._put(("tags", {k: str(v) for k, v in tags.items()}))
+
+    def log_image(self, image, artifact_file: str) -> None:
+        if not self.active:
+            return
+        folder = Path(self._files.name) / f"{len(self._queue)}-{id(image)}"
+        folder.mkdir()
+        path = folder / Path(artifact_file).name
+        image.save(path)
+        parent = str(Path(artifact_file).parent)
+        self._put(("artifact", (str(path), None if parent == "." else parent)))
+
+    def pending(self) -> int:
+        """Items (metric batches, images, tag sets) not yet accepted by the server."""
+        with self._wake:
+            return len(self._queue)
+
+    def flush(self, timeout_s: float = 600.0) -> None:
+        """Waits until the server has everything logged so far.
+
+        Raises:
+            TrackingUnavailableError: items are still unsent after `timeout_s`.
+        """
+        if not self.active:
+            return
+        import time
+
+        deadline = time.monotonic() + timeout_s
+        with self._wake:
+            while self._queue and time.monotonic() < deadline:
+                self._wake.wait(min(1.0, max(0.0, deadline - time.monotonic())))
+            left = len(self._queue)
+        if left:
+            raise TrackingUnavailableError(
+                f"the MLflow server {self.tracking_uri} did not take {left} queued items (metrics of some steps, "
+                f"images or tags) of run {self.run_id} within {timeout_s:.0f} s: they are missing from the run's "
+                "history. Training, its checkpoints and the export are complete; check the server (MLFLOW_TRACKING_URI)")
+
+    def _put(self, item) -> None:
+        with self._wake:
+            self._queue.append(item)
+            self._wake.notify_all()
+
+    def _send(self, item) -> None:
+        kind, payload = item
+        if kind == "metrics":
+            self._client.log_batch(self.run_id, metrics=payload)
+        elif kind == "tags":
+            for key, value in payload.items():
+                self._client.set_tag(self.run_id, key, value)
+        else:
+            path, parent = payload
+            self._client.log_artifact(self.run_id, path, parent)
+
+    def _send_forever(self) -> None:
+        import logging
+        import time
+
+        log = logging.getLogger(__name__)
+        delay, failing = 0.5, False
+        while True:
+            with self._wake:
+                while not self._queue:
+                    self._wake.wait()
+                item = self._queue[0]
+            try:
+                self._send(item)
+            except Exception as error:  # noqa: BLE001 - any failure to send keeps the item queued
+                if not failing:
+                    self.outages += 1
+                    log.warning("MLflow unavailable at %s: %d items queued for run %s, sending again every "
+                                "%.0f s at most (%s)", self.tracking_uri, self.pending(), self.run_id,
+                                self.retry_delay_s, str(error).splitlines()[0][:200] if str(error) else type(error).__name__)
+                failing = True
+                time.sleep(delay)
+                delay = min(delay * 2, self.retry_delay_s)
+                continue
+            if failing:
+                log.warning("MLflow back at %s: sending the %d queued items of run %s", self.tracking_uri,
+                            self.pending(), self.run_id)
+            failing, delay = False, 0.5
+            with self._wake:
+                self._queue.popleft()
+                self._wake.notify_all()

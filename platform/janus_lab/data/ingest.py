@@ -11,6 +11,8 @@
 A bad record travels as a row with a `reason` and ends in `_rejects.parquet`; it never stops the
 others. A reader only trusts a folder with a manifest, and the manifest is written last, so an
 ingest killed at any point leaves nothing that looks finished; the next run cleans up and redoes it.
+Every write to the output is retried through an S3 outage (`retry` in the config,
+`janus_lab.retry`); each retried step rewrites whole objects, so a retry never leaves half a shard.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ import pyarrow.parquet as pq
 from pyarrow import fs as pafs
 
 from janus_lab.cluster import connect_ray, in_submitted_job
-from janus_lab.config import IngestConfig, IngestOutputConfig, ModelConfig
+from janus_lab.config import IngestConfig, IngestOutputConfig, ModelConfig, S3RetryConfig
 from janus_lab.data.images import ImageRejected, decode_png_pixels, encode_png, prepare_image
 from janus_lab.data.order import order_key
 from janus_lab.data.schema import (
@@ -71,6 +73,7 @@ from janus_lab.data.sources import (
     read_records,
 )
 from janus_lab.patches import num_image_tokens
+from janus_lab.retry import with_s3_retries
 from janus_lab.storage import is_s3_uri, pyarrow_filesystem
 
 log = logging.getLogger(__name__)
@@ -107,6 +110,7 @@ SUMMARY_SCHEMA = pa.schema([
     pa.field("counts", pa.string()),  # JSON {task: {split: n}}
     pa.field("rejects", pa.string()),  # JSON list of Reject fields
     pa.field("fingerprints", pa.list_(pa.string())),
+    pa.field("retries", pa.int64()),  # tries of the shard write that met an S3 outage
 ])
 
 
@@ -126,6 +130,8 @@ class IngestResult:
     manifest: DatasetManifest
     rejects: list[Reject]
     seconds: float
+    s3_retries: int = 0
+    """Storage steps retried because S3 did not answer (writers and driver together)."""
 
     def summary(self) -> str:
         """A few lines for the job's log: rows per task and split, rejects per category."""
@@ -142,6 +148,8 @@ class IngestResult:
         held = sum(per_split["val"] for per_split in m.counts.values())
         rule = f"val_count={m.val_count}" if m.val_count is not None else f"val_fraction={m.val_fraction}"
         lines.append(f"held out for validation: {held} rows ({rule})")
+        if self.s3_retries:
+            lines.append(f"S3 outages: {self.s3_retries} storage steps retried (nothing partial kept)")
         return "\n".join(lines)
 
 
@@ -443,12 +451,16 @@ def _recompress(png: bytes) -> bytes:
 
 
 def write_shard(batch: pa.Table, staging_uri: str,
-                rows_per_row_group: int = IngestOutputConfig.rows_per_row_group) -> pa.Table:
+                rows_per_row_group: int = IngestOutputConfig.rows_per_row_group,
+                retry: S3RetryConfig | None = None) -> pa.Table:
     """Writer task: the good rows of `batch` become one zstd shard in the staging folder.
 
     The shard's row groups hold at most `rows_per_row_group` rows of one split each: a row group
     is what a training worker fetches, so small ones let each worker read only its own part of
     an epoch, and validation reads only validation rows.
+
+    Through an S3 outage the whole shard is written again (`retry`): its staging name is
+    listed nowhere until this task returns, so a failed try is never taken for a shard.
 
     Returns:
         One `SUMMARY_SCHEMA` row: the shard's name, its counts, the batch's rejects.
@@ -459,25 +471,33 @@ def write_shard(batch: pa.Table, staging_uri: str,
     for task, split in zip(good["task"].to_pylist(), good["split"].to_pylist()):
         counts[task][split] += 1
     name, first = None, None
+    retries = [0]
     if good.num_rows:
         keys = sorted(zip(good["source_file"].to_pylist(), good["record_index"].to_pylist()))
         first = f"{keys[0][0]}\x00{keys[0][1]:012d}"
         name = f"{uuid.uuid4().hex}.parquet"
         fs, root = pyarrow_filesystem(staging_uri)
         table = good.select(SHARD_SCHEMA.names).cast(SHARD_SCHEMA)
-        # Statistics only for `split`, which readers prune row groups by: in small row groups the
-        # min/max of prompts and PNGs would add a tenth or more to the file.
-        with pq.ParquetWriter(f"{root.rstrip('/')}/{name}", SHARD_SCHEMA, filesystem=fs, compression="zstd",
-                              write_statistics=["split"]) as writer:
-            for split in SPLITS:
-                rows = table.filter(pc.equal(table["split"], split))
-                if rows.num_rows:
-                    writer.write_table(rows, row_group_size=rows_per_row_group)
+        path = f"{root.rstrip('/')}/{name}"
+        with_s3_retries(lambda: _write_shard_file(table, path, fs, rows_per_row_group), "writing shard",
+                        f"{staging_uri.rstrip('/')}/{name}", retry, on_retry=lambda: retries.__setitem__(0, retries[0] + 1))
     rejects = bad.select(REJECTS_SCHEMA.names).to_pylist()
     return pa.Table.from_pylist([{
         "shard": name, "first_record": first, "records": batch.num_rows, "counts": json.dumps(counts),
         "rejects": json.dumps(rejects), "fingerprints": sorted(set(good["fingerprint"].to_pylist())),
+        "retries": retries[0],
     }], schema=SUMMARY_SCHEMA)
+
+
+def _write_shard_file(table: pa.Table, path: str, fs, rows_per_row_group: int) -> None:
+    # Statistics only for `split`, which readers prune row groups by: in small row groups the
+    # min/max of prompts and PNGs would add a tenth or more to the file.
+    with pq.ParquetWriter(path, SHARD_SCHEMA, filesystem=fs, compression="zstd",
+                          write_statistics=["split"]) as writer:
+        for split in SPLITS:
+            rows = table.filter(pc.equal(table["split"], split))
+            if rows.num_rows:
+                writer.write_table(rows, row_group_size=rows_per_row_group)
 
 
 def _list_archive(row: dict, source_uri: str) -> dict:
@@ -546,7 +566,8 @@ def run_ingest(cfg: IngestConfig) -> IngestResult:
     source_uri, output_uri = _absolute(cfg.source.path), _absolute(cfg.output.uri)
     files = list_source_files(source_uri)
     records = read_records(cfg.source.format, source_uri, files)
-    prepare_output(output_uri, cfg.output.overwrite)
+    retried = _Retried(cfg.retry)
+    retried(lambda: prepare_output(output_uri, cfg.output.overwrite), "preparing the output", output_uri)
     connect_ray()
     with _record_progress_only():
         index = _index_images(source_uri, files)
@@ -554,9 +575,44 @@ def run_ingest(cfg: IngestConfig) -> IngestResult:
         log.info("%d records in %s; %d rejected before reading any image", len(records), source_uri, len(rejects))
         staging_uri = f"{output_uri}/{STAGING_PREFIX}{uuid.uuid4().hex[:12]}"
         fs, staging_root = pyarrow_filesystem(staging_uri)
-        fs.create_dir(staging_root, recursive=True)
+        retried(lambda: fs.create_dir(staging_root, recursive=True), "creating", staging_uri)
         summaries = _encode_and_write(cfg, source_uri, staging_uri, accepted, len(records), len(rejects))
-    return _finish(cfg, output_uri, staging_uri, summaries, rejects, started)
+    return _finish(cfg, output_uri, staging_uri, summaries, rejects, started, retried)
+
+
+class _Retried:
+    """The driver's storage steps, each retried through an S3 outage (`cfg.retry`) and counted."""
+
+    def __init__(self, policy: S3RetryConfig):
+        self.policy, self.retries = policy, 0
+
+    def __call__(self, call, what: str, uri: str):
+        return with_s3_retries(call, what, uri, self.policy, on_retry=self._count)
+
+    def _count(self) -> None:
+        self.retries += 1
+
+
+def _move_once(fs, source: str, target: str):
+    """`fs.move` that may be tried again: a try whose answer was lost may have moved it already."""
+    tried = []
+
+    def move() -> None:
+        if tried and fs.get_file_info(source).type == pafs.FileType.NotFound \
+                and fs.get_file_info(target).type == pafs.FileType.File:
+            return
+        tried.append(True)
+        fs.move(source, target)
+
+    return move
+
+
+def _delete_dir_once(fs, path: str):
+    def delete() -> None:
+        if fs.get_file_info(path).type != pafs.FileType.NotFound:
+            fs.delete_dir(path)
+
+    return delete
 
 
 @contextlib.contextmanager
@@ -619,7 +675,7 @@ def _encode_and_write(cfg: IngestConfig, source_uri: str, staging_uri: str, acce
                        fn_constructor_kwargs={"model": dataclasses.asdict(cfg.model), "init_seed": cfg.init_seed,
                                               "max_text_tokens": cfg.limits.max_text_tokens})
           .map_batches(write_shard, batch_size=cfg.output.rows_per_shard, batch_format="pyarrow",
-                       fn_kwargs={"staging_uri": staging_uri,
+                       fn_kwargs={"staging_uri": staging_uri, "retry": cfg.retry,
                                   "rows_per_row_group": cfg.output.rows_per_row_group}))
     summaries = []
     with tqdm(total=total, initial=done, unit="record", desc="ingest") as bar:
@@ -630,8 +686,13 @@ def _encode_and_write(cfg: IngestConfig, source_uri: str, staging_uri: str, acce
 
 
 def _finish(cfg: IngestConfig, output_uri: str, staging_uri: str, summaries: list[dict],
-            rejects: list[Reject], started: float) -> IngestResult:
-    """Moves shards into place, writes the rejects, then the manifest (last)."""
+            rejects: list[Reject], started: float, retried: _Retried | None = None) -> IngestResult:
+    """Moves shards into place, writes the rejects, then the manifest (last).
+
+    Each step is retried through an S3 outage; until the manifest's single PUT lands, the
+    folder is an unfinished ingest to every reader (`DatasetManifest.read`).
+    """
+    retried = retried or _Retried(cfg.retry)
     fs, root = pyarrow_filesystem(output_uri)
     _, staging_root = pyarrow_filesystem(staging_uri)
     root, staging_root = root.rstrip("/"), staging_root.rstrip("/")
@@ -645,20 +706,23 @@ def _finish(cfg: IngestConfig, output_uri: str, staging_uri: str, summaries: lis
                 counts[task][split] += n
     rejects.sort(key=lambda r: (r.source_file, r.record_index))
     rejects_table = pa.Table.from_pylist([dataclasses.asdict(r) for r in rejects], schema=REJECTS_SCHEMA)
-    pq.write_table(rejects_table, f"{staging_root}/{REJECTS_NAME}", filesystem=fs, compression="zstd")
-    fs.move(f"{staging_root}/{REJECTS_NAME}", f"{root}/{REJECTS_NAME}")
+    retried(lambda: pq.write_table(rejects_table, f"{staging_root}/{REJECTS_NAME}", filesystem=fs,
+                                   compression="zstd"), "writing", f"{staging_uri}/{REJECTS_NAME}")
+    retried(_move_once(fs, f"{staging_root}/{REJECTS_NAME}", f"{root}/{REJECTS_NAME}"), "moving",
+            f"{output_uri}/{REJECTS_NAME}")
     written = sorted((s for s in summaries if s["shard"]), key=lambda s: s["first_record"])
     rows = sum(n for per_split in counts.values() for n in per_split.values())
     if not written:
-        fs.delete_dir(staging_root)
+        retried(_delete_dir_once(fs, staging_root), "deleting", staging_uri)
         raise IngestError(f"all {len(rejects)} records were rejected; see {output_uri}/{REJECTS_NAME}")
     if len(fingerprints) != 1:
         raise IngestError(f"encoder actors disagree on the model fingerprint: {sorted(fingerprints)}")
     shards = []
     for i, summary in enumerate(written):
         shards.append(shard_name(i))
-        fs.move(f"{staging_root}/{summary['shard']}", f"{root}/{shards[-1]}")
-    fs.delete_dir(staging_root)
+        retried(_move_once(fs, f"{staging_root}/{summary['shard']}", f"{root}/{shards[-1]}"), "moving shard",
+                f"{output_uri}/{shards[-1]}")
+    retried(_delete_dir_once(fs, staging_root), "deleting", staging_uri)
     model = cfg.model
     manifest = DatasetManifest(
         source={"format": cfg.source.format, "path": cfg.source.path},
@@ -669,8 +733,9 @@ def _finish(cfg: IngestConfig, output_uri: str, staging_uri: str, summaries: lis
         val_fraction=cfg.split.fraction, val_count=cfg.split.val_count, seed=cfg.split.seed,
         limits=limits_report(cfg, rejects),
     )
-    manifest.write(output_uri)
-    return IngestResult(output_uri, manifest, rejects, time.monotonic() - started)
+    retried(lambda: manifest.write(output_uri), "writing the manifest", f"{output_uri}/{MANIFEST_NAME}")
+    s3_retries = retried.retries + sum(summary.get("retries") or 0 for summary in summaries)
+    return IngestResult(output_uri, manifest, rejects, time.monotonic() - started, s3_retries)
 
 
 def limits_report(cfg: IngestConfig, rejects: list[Reject]) -> dict[str, dict[str, int]]:

@@ -36,9 +36,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
+from janus_lab.config import S3RetryConfig
 from janus_lab.data.order import ShuffleWithinBlock, order_key
 from janus_lab.data.schema import DatasetManifest
 from janus_lab.model.sequence import SequenceBuilder, TokenizedSample, collate_samples, draw_mask_decision
+from janus_lab.retry import with_s3_retries
 from janus_lab.storage import pyarrow_filesystem
 
 STREAM_COLUMNS = ["id", "task", "prompt", "output_codes", "input_codes", "input_pixels", "split"]
@@ -233,15 +235,24 @@ class ShardReader:
         filesystem: what opens the shard files (default: the dataset's own filesystem); a
             `ReadCounter` counts the bytes.
         columns: columns to read.
+        retry: how long a window's read waits out an S3 outage (`S3RetryConfig`); a window is
+            read again whole, so a retry never yields a row twice.
     """
 
-    def __init__(self, layout: DatasetLayout, filesystem=None, columns: list[str] = STREAM_COLUMNS):
+    def __init__(self, layout: DatasetLayout, filesystem=None, columns: list[str] = STREAM_COLUMNS,
+                 retry: S3RetryConfig | None = None):
         fs, root = pyarrow_filesystem(layout.uri)
         self.layout, self.filesystem, self.root = layout, filesystem or fs, root.rstrip("/")
         self.columns = list(dict.fromkeys([*columns, "split"]))  # the split filter needs it
+        self.retry = retry
 
     def read(self, slices: list[RowGroupSlice], split: str) -> pa.Table:
         """The rows of `split` in each slice, concatenated in the order given."""
+        shards = sorted({piece.group.shard for piece in slices})
+        where = f"{self.layout.uri.rstrip('/')}/{shards[0]}" + (f" (+{len(shards) - 1} shards)" if len(shards) > 1 else "")
+        return with_s3_retries(lambda: self._read_once(slices, split), "reading row groups of", where, self.retry)
+
+    def _read_once(self, slices: list[RowGroupSlice], split: str) -> pa.Table:
         tables = []
         with contextlib.ExitStack() as stack:
             files: dict[str, pq.ParquetFile] = {}
@@ -259,7 +270,8 @@ class ShardReader:
 
 
 def read_part(layout: DatasetLayout, part: list[RowGroupSlice], seed: int, epoch: int, window_rows: int, *,
-              skip_rows: int = 0, filesystem=None, columns: list[str] = STREAM_COLUMNS) -> Iterator[dict]:
+              skip_rows: int = 0, filesystem=None, columns: list[str] = STREAM_COLUMNS,
+              retry: S3RetryConfig | None = None) -> Iterator[dict]:
     """The rows of one rank's part of an epoch, in the epoch's order.
 
     Row groups are read a window at a time (`shuffle_windows`); a window's rows are shuffled by
@@ -270,7 +282,7 @@ def read_part(layout: DatasetLayout, part: list[RowGroupSlice], seed: int, epoch
         seed, epoch: fix the shuffle.
         window_rows: rows per shuffle window.
         skip_rows: leading rows to leave out (a resume); windows wholly before them are not fetched.
-        filesystem, columns: see `ShardReader`.
+        filesystem, columns, retry: see `ShardReader`.
     """
     windows = shuffle_windows(part, window_rows)
     while windows and skip_rows >= (rows := sum(len(piece) for piece in windows[0])):
@@ -278,7 +290,7 @@ def read_part(layout: DatasetLayout, part: list[RowGroupSlice], seed: int, epoch
         windows.pop(0)
     if not windows:
         return
-    reader = ShardReader(layout, filesystem, columns)
+    reader = ShardReader(layout, filesystem, columns, retry)
     shuffle = ShuffleWithinBlock(seed, epoch)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-prefetch") as pool:
         pending = pool.submit(reader.read, windows[0], "train")
@@ -291,10 +303,10 @@ def read_part(layout: DatasetLayout, part: list[RowGroupSlice], seed: int, epoch
 
 
 def read_split(layout: DatasetLayout, split: str, filesystem=None,
-               columns: list[str] = STREAM_COLUMNS) -> list[dict]:
+               columns: list[str] = STREAM_COLUMNS, retry: S3RetryConfig | None = None) -> list[dict]:
     """Every row of one split, in file order (the validation set every rank evaluates)."""
     slices = [RowGroupSlice(g, 0, g.rows(split)) for g in layout.row_groups if g.rows(split)]
-    return ShardReader(layout, filesystem, columns).read(slices, split).to_pylist() if slices else []
+    return ShardReader(layout, filesystem, columns, retry).read(slices, split).to_pylist() if slices else []
 
 
 # --------------------------------------------------------------------------- batches
@@ -397,7 +409,8 @@ def micro_batches(rows: Iterable[dict], builder: SequenceBuilder, spec: StreamSp
 
 
 def epoch_micro_batches(layout: DatasetLayout, builder: SequenceBuilder, spec: StreamSpec, *, skip: int = 0,
-                        limit: int | None = None, filesystem=None) -> Iterator[dict[str, torch.Tensor]]:
+                        limit: int | None = None, filesystem=None,
+                        retry: S3RetryConfig | None = None) -> Iterator[dict[str, torch.Tensor]]:
     """This rank's micro-batches of one epoch, read from its own part of the dataset only.
 
     Args:
@@ -406,14 +419,14 @@ def epoch_micro_batches(layout: DatasetLayout, builder: SequenceBuilder, spec: S
         skip: micro-batches of the epoch already trained on. Whole length-grouping windows of
             them are skipped as rows, so the shuffle windows they fill are never fetched.
         limit: micro-batches of the epoch to stop after (counted from its start, like `skip`).
-        filesystem: see `ShardReader`.
+        filesystem, retry: see `ShardReader`.
     """
     part = epoch_part(layout, spec.shuffle_seed, spec.epoch, spec.rank, spec.world_size)
     skipped = skip // spec.group_window * spec.group_window
     if limit is not None and limit <= skipped:
         return
     rows = read_part(layout, part, spec.shuffle_seed, spec.epoch, spec.shuffle_window_rows,
-                     skip_rows=skipped * spec.micro_batch_size, filesystem=filesystem)
+                     skip_rows=skipped * spec.micro_batch_size, filesystem=filesystem, retry=retry)
     yield from micro_batches(rows, builder, spec, skip=skip - skipped,
                              limit=None if limit is None else limit - skipped)
 

@@ -15,6 +15,10 @@ requests or images per minute the answer is a 429 with Retry-After.
 Errors use OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, with `param`
 naming the offending field. Everything a request can get wrong is checked here or in the model
 deployment's `validate_request` before any generation; a full queue is a 503 with Retry-After.
+A model replica that dies under a request (killed, out of memory, its node lost) fails no
+request silently: the call goes again to a live replica (`REPLICA_RETRIES` times; generation
+has no side effects and a request keeps its seed), and past that the answer is a 503 with
+Retry-After and code `replica_unavailable` (docs/reliability.md).
 
 `stream: true` answers with server-sent events as the OpenAI Images API defines them:
 `image_generation.partial_image` / `image_edit.partial_image` (b64_json, partial_image_index;
@@ -40,6 +44,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from PIL import Image
 from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.datastructures import UploadFile
@@ -56,6 +61,10 @@ PLAYGROUND = (Path(__file__).parent / "playground.html").read_text()
 RESPONSE_FORMATS = ("b64_json", "png")
 RETRY_AFTER_S = 1
 """What a 503 tells clients to wait; a batch on the debug model takes about that long."""
+REPLICA_RETRIES = 2
+"""Times a request whose model replica died is sent again before the client gets a 503."""
+REPLICA_GONE = (RayActorError, ActorUnavailableError)
+"""What awaiting a model call raises when its replica died or cannot be reached."""
 
 GENERATION_FIELDS = {"prompt", "n", "cfg_weight", "temperature", "seed", "response_format", "top_k", "top_p",
                      "model", "size", "user", "stream", "partial_images"}
@@ -305,7 +314,7 @@ class ImageApi:
     async def models(self, request: Request) -> Response:
         self._authorize(request)
         try:
-            info = await self.model.info.remote()
+            info = await self._call_model(lambda: self.model.info.remote(), "/v1/models")
         except BackPressureError:
             return self._overloaded()
         self.last_model = info
@@ -384,7 +393,7 @@ class ImageApi:
 
     async def _generate(self, payload: dict[str, Any], response_format: str, adapter: str | None) -> Response:
         try:
-            result = await self._handle(adapter).generate.remote(payload)
+            result = await self._call_model(lambda: self._handle(adapter).generate.remote(payload), "a generation")
         except BackPressureError:
             return self._overloaded()
         if "error" in result:
@@ -467,6 +476,27 @@ class ImageApi:
                                   f"{decision['retry_after_s']} s",
                        kind=limit, code="rate_limit_exceeded",
                        headers={"Retry-After": str(decision["retry_after_s"])})
+
+    @staticmethod
+    async def _call_model(call, what: str):
+        """Awaits `call()`, sending it again when the model replica died under it.
+
+        Raises:
+            ApiError: 503 `replica_unavailable` once `REPLICA_RETRIES` retries failed too.
+        """
+        for attempt in range(REPLICA_RETRIES + 1):
+            try:
+                return await call()
+            except REPLICA_GONE as err:
+                reason = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200] if str(err).strip() else ''}"
+                if attempt == REPLICA_RETRIES:
+                    logger.error("the model replica died under %s %d times (%s); answering 503", what,
+                                 attempt + 1, reason)
+                    raise ApiError(503, None, "the model replica serving this request stopped and no other "
+                                              "answered in time; retry later", kind="server_error",
+                                   code="replica_unavailable", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+                logger.warning("the model replica died under %s (%s): retry %d/%d on another replica", what,
+                               reason, attempt + 1, REPLICA_RETRIES)
 
     def _image_size(self) -> int | None:
         return self.last_model["image_size"] if self.last_model else None

@@ -399,6 +399,13 @@ class LocalStack:
         self.env_file.unlink(missing_ok=True)
         return stopped
 
+    def stop_service(self, name: str, timeout_s: float | None = None) -> bool:
+        """Stops one service and leaves the others running; `up()` starts it again on the same
+        ports and data (how tests inject an outage, tests/test_faults.py). True if it was running."""
+        if name not in SERVICE:
+            raise ValueError(f"unknown service {name!r}; expected one of {tuple(SERVICE)}")
+        return self._stop(SERVICE[name], timeout_s or self.stop_timeout_s)
+
     def status(self) -> list[ServiceStatus]:
         """One `ServiceStatus` per enabled service: alive or not, PID, ports and a health check."""
         report = []

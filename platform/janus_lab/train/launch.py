@@ -163,7 +163,7 @@ def run_finetune(cfg: ExperimentConfig, run: "RunLogger | None" = None, callback
     manifest, per_epoch, total, val_rows = preflight(cfg)
     pin_registered_weights(cfg)
     layout = dataset_layout(cfg.data.uri, manifest)
-    storage_path, storage_fs = ray_storage(cfg.train.storage_path)
+    storage_path, storage_fs = ray_storage(cfg.train.storage_path, cfg.retry)
     run_dir = f"{cfg.train.storage_path.rstrip('/')}/{cfg.name}"
     export_uri = f"{run_dir}/export"
 
@@ -223,11 +223,53 @@ def run_finetune(cfg: ExperimentConfig, run: "RunLogger | None" = None, callback
         result = trainer.fit()
     except Exception:
         logger.end("FAILED")
+        drop_unregistered_checkpoints(f"{storage_path.rstrip('/')}/{cfg.name}", storage_fs)
         raise
     logger.end("FINISHED")
     checkpoint = result.checkpoint.path if result.checkpoint else None
     return FinetuneResult(run_name=cfg.name, checkpoint_path=checkpoint, export_uri=export_uri,
                           mlflow_run_id=logger.run_id, mlflow_url=logger.run_url(), metrics=result.metrics)
+
+
+CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"
+"""Ray Train's record of the checkpoints it registered (docs/platform-notes.md, "Ray Train")."""
+
+
+def drop_unregistered_checkpoints(folder: str, storage_fs) -> list[str]:
+    """Removes checkpoint folders of a failed run that Ray Train never registered.
+
+    A checkpoint is complete once every rank has uploaded its part and Ray Train recorded the
+    report; a rank that failed mid-upload (a full disk) can leave another rank's part behind,
+    a folder that looks like a checkpoint and is not one. Ray Train would not resume from it,
+    but a person or a tool listing the folder would. Best effort: a storage error is printed.
+
+    Returns:
+        The folder names removed.
+    """
+    import json
+
+    from pyarrow import fs as pafs
+
+    fs = storage_fs or pafs.LocalFileSystem()
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
+        names = {info.base_name: info for info in infos}
+        registered = set()
+        if CHECKPOINT_SNAPSHOT in names:
+            with fs.open_input_stream(f"{folder}/{CHECKPOINT_SNAPSHOT}") as stream:
+                snapshot = json.loads(stream.read().decode())
+            registered = {entry["checkpoint_dir_name"] for entry in snapshot.get("checkpoint_results", [])}
+        partial = sorted(name for name, info in names.items()
+                         if name.startswith("checkpoint_") and info.type == pafs.FileType.Directory
+                         and name not in registered)
+        for name in partial:
+            fs.delete_dir(f"{folder}/{name}")
+    except (OSError, ValueError, KeyError) as error:
+        print(f"could not check {folder} for partial checkpoints: {error}", flush=True)
+        return []
+    if partial:
+        print(f"removed partial checkpoints that Ray Train never registered: {', '.join(partial)}", flush=True)
+    return partial
 
 
 def _has_checkpoints(folder: str, storage_fs) -> bool:

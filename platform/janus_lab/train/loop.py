@@ -189,9 +189,10 @@ def train_loop_per_worker(plan_dict: dict) -> None:
             print(f"resumed from step {state.progress.step} (epoch {state.progress.epoch}, "
                   f"micro-batch {state.progress.micro_batches_in_epoch})", flush=True)
 
-    from janus_lab.tracking import RunLogger
+    from janus_lab.tracking import BufferedRunLogger
 
-    logger = RunLogger(plan.tracking_uri, plan.run_id, active=rank == 0) if plan.run_id else None
+    # Buffered: an MLflow outage mid-run holds metrics back, never the training (docs/reliability.md).
+    logger = BufferedRunLogger(plan.tracking_uri, plan.run_id, active=rank == 0) if plan.run_id else None
     builder = SequenceBuilder(bundle.processor.tokenizer, bundle.num_image_tokens, cfg.data.max_text_tokens)
     accumulation = cfg.train.gradient_accumulation_steps
     peak = _peak_flops(device)
@@ -199,7 +200,7 @@ def train_loop_per_worker(plan_dict: dict) -> None:
 
     # The validation split is small and read at every evaluation: read it once. Every rank
     # evaluates all of it; ingest keeps it in row groups of its own, so that is all it fetches.
-    val_rows = read_split(plan.layout, "val") if plan.val_rows else []
+    val_rows = read_split(plan.layout, "val", retry=cfg.retry) if plan.val_rows else []
 
     def evaluate(step: int) -> dict:
         """Validation metrics (returned, logged by the caller) and a sample grid (logged here)."""
@@ -232,7 +233,7 @@ def train_loop_per_worker(plan_dict: dict) -> None:
         steps_this_epoch = min(plan.steps_per_epoch, plan.total_steps - progress.step
                                + progress.micro_batches_in_epoch // accumulation)
         stream = epoch_micro_batches(plan.layout, builder, spec, skip=progress.micro_batches_in_epoch,
-                                     limit=steps_this_epoch * accumulation)
+                                     limit=steps_this_epoch * accumulation, retry=cfg.retry)
         for batch in stream:
             batch = {k: v.to(device) for k, v in batch.items()}
             task_is_t2i = batch.pop("task_is_t2i")
@@ -267,7 +268,7 @@ def train_loop_per_worker(plan_dict: dict) -> None:
                 if logger:
                     logger.log_metrics(metrics, step)
                 save = step % cfg.train.checkpoint_every == 0 or last_of_run
-                _report(state, metrics | {"step": step}, save)
+                _report(state, metrics | {"step": step}, save, cfg.retry)
             if progress.step >= plan.total_steps:
                 break
         if progress.step < plan.total_steps:
@@ -280,10 +281,16 @@ def train_loop_per_worker(plan_dict: dict) -> None:
         if logger:
             logger.set_tags({"export_uri": plan.export_uri, "export_kind": kind}
                             | ({"adapter_base": adapter_base(cfg).identity} if lora.enabled else {}))
+    if logger:
+        logger.flush()  # every step's metrics reach the run before the worker exits
 
 
-def _report(state: TrainState, metrics: dict, save: bool) -> None:
+def _report(state: TrainState, metrics: dict, save: bool, retry=None) -> None:
+    """Reports metrics, with a checkpoint when `save`: written locally, then uploaded by
+    `checkpoint_uploader` (retried through an S3 outage, refused whole on a full disk)."""
     import ray.train
+
+    from janus_lab.train.upload import checkpoint_uploader
 
     if not save:
         ray.train.report(metrics)
@@ -291,7 +298,8 @@ def _report(state: TrainState, metrics: dict, save: bool) -> None:
     with tempfile.TemporaryDirectory(prefix="janus-ckpt-") as folder:
         state.save(folder)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
-                         checkpoint_dir_name=f"checkpoint_{metrics['step']:07d}")
+                         checkpoint_dir_name=f"checkpoint_{metrics['step']:07d}",
+                         checkpoint_upload_fn=checkpoint_uploader(retry))
 
 
 @torch.no_grad()

@@ -1,0 +1,75 @@
+"""Fault injection into the real services of a local stack (tests/test_faults.py).
+
+`S3Outage` stops the SeaweedFS process a stack launched, keeps it down, then starts it again on
+the same ports and data folder, in a background thread, so the job under test runs through it.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from janus_lab.stack import LocalStack
+
+OUTAGE_S = float(os.environ.get("JANUS_FAULT_OUTAGE_S", "10"))
+"""How long tests keep S3 down; the issue's 30 s is a run with JANUS_FAULT_OUTAGE_S=30 (docs/reliability.md)."""
+MLFLOW_OUTAGE_S = float(os.environ.get("JANUS_FAULT_MLFLOW_OUTAGE_S", "10"))
+"""How long tests keep the MLflow server down; the issue's 60 s is JANUS_FAULT_MLFLOW_OUTAGE_S=60."""
+
+
+@dataclass
+class S3Outage:
+    """Stops `stack`'s SeaweedFS once `trigger()` is true, for `seconds`, then starts it again.
+
+    Attributes set as it runs: `stopped_at`, `restarted_at` (time.monotonic()), `error` (what went
+    wrong in the thread, re-raised by `join`).
+    """
+
+    stack: LocalStack
+    seconds: float = OUTAGE_S
+    trigger: Callable[[], bool] = lambda: True
+    deadline_s: float = 180.0
+    stopped_at: float | None = None
+    restarted_at: float | None = None
+    error: BaseException | None = None
+    _thread: threading.Thread | None = field(default=None, repr=False)
+
+    def start(self) -> "S3Outage":
+        self._thread = threading.Thread(target=self._run, name="s3-outage", daemon=True)
+        self._thread.start()
+        return self
+
+    def join(self, timeout_s: float = 240.0) -> "S3Outage":
+        self._thread.join(timeout_s)
+        if self.error is not None:
+            raise self.error
+        assert self.restarted_at is not None, "the outage never ended"
+        return self
+
+    @property
+    def down_s(self) -> float:
+        """Seconds from the stop command until S3 answered again."""
+        return self.restarted_at - self.stopped_at
+
+    def _run(self) -> None:
+        try:
+            give_up = time.monotonic() + self.deadline_s
+            while not self.trigger():
+                if time.monotonic() > give_up:
+                    raise TimeoutError("the outage's trigger never fired")
+                time.sleep(0.05)
+            self.stopped_at = time.monotonic()
+            # SIGKILL after 1 s: a crash rather than a drain, the harder case for the data.
+            self.stack.stop_service("seaweedfs", timeout_s=1.0)
+            time.sleep(max(0.0, self.seconds - (time.monotonic() - self.stopped_at)))
+            self.stack.up()  # same ports, same data folder; returns once the bucket answers
+            self.restarted_at = time.monotonic()
+        except BaseException as error:  # noqa: BLE001 - handed to the test by join()
+            self.error = error
+            try:
+                self.stack.up()
+            except BaseException:  # noqa: BLE001
+                pass

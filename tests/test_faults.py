@@ -1,0 +1,543 @@
+"""Faults injected into the real services mid-run (issue 21, docs/reliability.md): nothing lost,
+nothing silent.
+
+- S3 down: the SeaweedFS process of a stack of this module's own is stopped (SIGTERM, SIGKILL
+  after 1 s) and started again on the same ports and data folder (`faults.S3Outage`), while an
+  ingest writes shards, while training reads row groups, while a model downloads.
+- Disk full: the checkpoint path is a small tmpfs; the second checkpoint does not fit.
+- A Serve replica killed under load with `ray.kill`.
+
+What is checked is what was lost (nothing): shard rows against the manifest, checkpoints
+loaded, requests counted. Timings are measured and printed (docs/reliability.md), never asserted.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from pyarrow import fs as pafs
+
+from faults import MLFLOW_OUTAGE_S, S3Outage
+from janus_lab.config import IngestConfig, S3RetryConfig, load_config
+from janus_lab.data import MANIFEST_NAME, REJECTS_NAME, DatasetManifest, read_shards, run_ingest, write_sample_dataset
+from janus_lab.retry import S3UnavailableError
+from janus_lab.stack import LocalStack
+from janus_lab.storage import pyarrow_filesystem
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE_YAML = REPO / "jobs" / "configs" / "ingest_sample.yaml"
+# Enough for a 10-30 s outage: 1+2+4+4+... s between tries, about 50 s in all.
+RETRY = ["retry.attempts=14", "retry.first_delay_s=1", "retry.max_delay_s=4"]
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def outage_stack(tmp_path_factory):
+    """An S3 + MLflow stack of this module's own, whose services the tests stop and start; the
+    session's stack (other tests' data and runs) is left alone. Its AWS_* variables are set for
+    the module and given to the module's Ray cluster."""
+    stack = LocalStack.with_free_ports(tmp_path_factory.mktemp("outage-stack"), with_ray=False, verbose=False)
+    stack.up()
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            for name, value in stack.env().items():
+                if name.startswith("AWS_"):
+                    patch.setenv(name, value)
+            yield stack
+    finally:
+        stack.down(timeout_s=3.0)
+
+
+@pytest.fixture(scope="module")
+def fault_ray(outage_stack):
+    import ray
+
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {k: v for k, v in outage_stack.env().items() if k.startswith("AWS_")}})
+    yield
+    ray.shutdown()
+
+
+def object_names(uri: str) -> list[str]:
+    fs, root = pyarrow_filesystem(uri)
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+    return sorted(i.path[len(root):].lstrip("/") for i in infos if i.type == pafs.FileType.File)
+
+
+def staged_shard_exists(uri: str):
+    """A trigger: true once a writer task has put its first shard in the staging folder."""
+    def check() -> bool:
+        try:
+            return any(n.startswith("_tmp-") and n.endswith(".parquet") for n in object_names(uri))
+        except OSError:
+            return False
+    return check
+
+
+def assert_dataset_whole(uri: str, records: list) -> DatasetManifest:
+    """Every shard the manifest lists holds the rows it claims, nothing else is in the folder,
+    and the ids are exactly the source's, once each."""
+    manifest = DatasetManifest.read(uri)
+    fs, root = pyarrow_filesystem(uri)
+    per_shard = [pq.read_metadata(f"{root}/{name}", filesystem=fs).num_rows for name in manifest.shards]
+    assert sum(per_shard) == manifest.rows == len(records)
+    table = read_shards(uri, manifest)
+    ids = table["id"].to_pylist()
+    assert len(ids) == len(set(ids)) == len(records)
+    counts = {task: {"train": 0, "val": 0} for task in manifest.counts}
+    for task, split in zip(table["task"].to_pylist(), table["split"].to_pylist()):
+        counts[task][split] += 1
+    assert counts == manifest.counts
+    assert object_names(uri) == sorted([*manifest.shards, REJECTS_NAME, MANIFEST_NAME])  # no staging, no partial
+    return manifest
+
+
+@pytest.fixture(scope="module")
+def sample_source(tmp_path_factory):
+    local = tmp_path_factory.mktemp("sample")
+    return str(local), write_sample_dataset(local)
+
+
+def ingest_config(source: str, output: str, *overrides: str) -> IngestConfig:
+    # Small shards: ten writer tasks, so the outage falls among them.
+    return load_config(IngestConfig, SAMPLE_YAML, [f"source.path={source}", f"output.uri={output}",
+                                                   "output.rows_per_shard=8", "ray.batch_size=8",
+                                                   "ray.records_per_task=8", *overrides])
+
+
+# --------------------------------------------------------------------------- 1. S3 unavailable
+
+
+def reads_during(outage: S3Outage, layout, model_uri: str, cache: Path, results: dict):
+    """Once S3 is down: the training stream's read of the train split, a model folder's download
+    (what a Serve replica does for a new champion), and the same read with a budget shorter than
+    the outage, each in a thread of its own; returns the threads."""
+    import threading
+
+    from janus_lab.data.stream import read_split
+    from janus_lab.storage import download_prefix
+
+    patient = S3RetryConfig(attempts=14, first_delay_s=1, max_delay_s=4)
+    short = S3RetryConfig(attempts=2, first_delay_s=0.5, max_delay_s=0.5)
+    calls = {
+        "stream": lambda: [row["id"] for row in read_split(layout, "train", retry=patient)],
+        "download": lambda: download_prefix(model_uri, cache, retry=patient),
+        "short": lambda: read_split(layout, "train", retry=short),
+    }
+
+    def run(name, call):
+        while outage.stopped_at is None or time.monotonic() < outage.stopped_at + 1.5:
+            time.sleep(0.05)
+        try:
+            results[name] = call()
+        except Exception as error:  # noqa: BLE001 - checked by the test
+            results[name] = error
+        results[f"{name}_done"] = time.monotonic()
+
+    threads = [threading.Thread(target=run, args=item, daemon=True) for item in calls.items()]
+    for thread in threads:
+        thread.start()
+    return threads
+
+
+@pytest.mark.timeout(300)
+def test_an_s3_outage_mid_run_loses_nothing_and_a_short_budget_fails_naming_s3(fault_ray, outage_stack,
+                                                                                sample_source, tmp_path):
+    """SeaweedFS stopped once an ingest has staged its first shard, while training reads and a
+    model download run too: the ingest finishes whole, the reads return every row once, the
+    download is byte-identical; a budget shorter than the outage fails naming S3 and the URI,
+    and run again once S3 is back, completes."""
+    from janus_lab.data.stream import read_split, scan_layout
+    from janus_lab.storage import upload_folder
+    from synthetic_shards import write_synthetic_dataset
+
+    base = f"s3://{outage_stack.bucket}/faults/outage-{uuid.uuid4().hex[:8]}"
+    upload_folder(write_synthetic_dataset(tmp_path / "shards"), f"{base}/dataset")
+    model = tmp_path / "model"
+    model.mkdir()
+    for name, size in (("config.json", 100), ("model.safetensors", 3_000_000)):
+        (model / name).write_bytes(os.urandom(size))
+    upload_folder(model, f"{base}/model")
+    layout = scan_layout(f"{base}/dataset")
+    expected = [row["id"] for row in read_split(layout, "train")]
+
+    uri = f"{base}/ingest"
+    source, records = sample_source
+    outage = S3Outage(outage_stack, trigger=staged_shard_exists(uri)).start()
+    results: dict = {}
+    threads = reads_during(outage, layout, f"{base}/model", tmp_path / "cache", results)
+    began = time.monotonic()
+    result = run_ingest(ingest_config(source, uri, *RETRY))
+    ingest_done = time.monotonic()
+    for thread in threads:
+        thread.join(150)
+    outage.join()
+    print(f"\nS3 down {outage.down_s:.1f} s (stop to answering again), from the first staged shard. Ingest: "
+          f"{ingest_done - began:.1f} s, {result.s3_retries} storage steps retried, done "
+          f"{ingest_done - outage.restarted_at:.1f} s after S3 was back. Stream read done "
+          f"{results['stream_done'] - outage.restarted_at:.1f} s, download "
+          f"{results['download_done'] - outage.restarted_at:.1f} s after. Short budget: {str(results['short'])[:200]}")
+    # The fault really happened mid-run, and the ingest met it.
+    assert outage.stopped_at < outage.restarted_at and result.s3_retries > 0
+    manifest = assert_dataset_whole(uri, records)
+    assert manifest.rows == result.manifest.rows == 80
+    assert results["stream"] == expected  # every row once, in the same order
+    folder = results["download"]
+    assert isinstance(folder, Path), folder
+    assert sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) == sorted(
+        p.name for p in model.iterdir())
+    assert all((folder / f.name).read_bytes() == f.read_bytes() for f in model.iterdir())
+    error = results["short"]
+    assert isinstance(error, S3UnavailableError), error
+    assert "S3 unavailable reading row groups of" in str(error) and f"{base}/dataset" in str(error)
+    assert "retry.attempts" in str(error)
+    # The rerun, with S3 back, completes.
+    short = S3RetryConfig(attempts=2, first_delay_s=0.5, max_delay_s=0.5)
+    assert [row["id"] for row in read_split(layout, "train", retry=short)] == expected
+
+
+@pytest.mark.timeout(300)
+def test_a_fit_rides_out_an_s3_outage_while_uploading_a_checkpoint(fault_ray, outage_stack, tmp_path):
+    """SeaweedFS stopped as the first checkpoint's folder appears (its upload under way): the
+    upload retries, Ray Train's controller writes its record through the retrying filesystem,
+    and the run finishes every step with its checkpoints whole."""
+    from mlflow import MlflowClient
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from janus_lab.config import ExperimentConfig
+    from janus_lab.storage import download_prefix, upload_folder
+    from janus_lab.train.launch import run_finetune
+    from synthetic_shards import write_synthetic_dataset
+
+    base = f"s3://{outage_stack.bucket}/faults/fit-{uuid.uuid4().hex[:8]}"
+    upload_folder(write_synthetic_dataset(tmp_path / "shards"), f"{base}/dataset")
+    cfg = load_config(ExperimentConfig, REPO / "jobs" / "configs" / "debug.yaml", [
+        "name=fit-outage", f"data.uri={base}/dataset", f"train.storage_path={base}/runs", "train.max_steps=6",
+        "train.report_every=3", "train.checkpoint_every=3", "train.eval_every=0", "train.global_batch_size=8",
+        "train.epochs=2", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", *RETRY])
+    run_dir = f"{base}/runs/fit-outage"
+
+    def checkpoint_started() -> bool:
+        try:
+            return any(name.startswith("checkpoint_0") for name in object_names(run_dir))
+        except OSError:
+            return False
+
+    outage = S3Outage(outage_stack, trigger=checkpoint_started).start()
+    began = time.monotonic()
+    result = run_finetune(cfg)
+    finished = time.monotonic()
+    outage.join()
+    print(f"\nfit: S3 down {outage.down_s:.1f} s from the first checkpoint's upload; the 6-step run took "
+          f"{finished - began:.1f} s, done {finished - outage.restarted_at:.1f} s after S3 was back")
+    assert outage.stopped_at < finished and result.metrics["step"] == 6
+    assert result.checkpoint_path.endswith("checkpoint_0000006")
+    history = MlflowClient(cfg.tracking.tracking_uri).get_metric_history(result.mlflow_run_id, "loss")
+    assert sorted(m.step for m in history) == [3, 6]
+    names = object_names(run_dir)
+    assert {n.split("/")[0] for n in names if n.startswith("checkpoint_0")} == {"checkpoint_0000003",
+                                                                               "checkpoint_0000006"}
+    dcp_to_torch_save(download_prefix(f"{run_dir}/checkpoint_0000006", tmp_path / "cache"), tmp_path / "last.pt")
+    import torch
+
+    assert torch.load(tmp_path / "last.pt", weights_only=False)["train"]["progress"]["step"] == 6
+
+
+# --------------------------------------------------------------------------- 2. MLflow unavailable
+
+
+@pytest.mark.timeout(180)
+def test_metrics_logged_while_mlflow_is_down_arrive_once_each_in_order(outage_stack):
+    """The MLflow server process stopped for the middle third of a run's steps: logging never
+    waits on it, and once it is back every step is in the run's history exactly once."""
+    from mlflow import MlflowClient
+
+    from janus_lab.tracking import BufferedRunLogger
+
+    uri = outage_stack.mlflow_tracking_uri
+    logger = BufferedRunLogger.open_run(uri, "faults", f"mlflow-outage-{uuid.uuid4().hex[:6]}", params={}, tags={})
+    logger.retry_delay_s = 1.0
+    for step in range(1, 11):
+        logger.log_metrics({"loss": 1.0 / step}, step)
+    logger.flush(60)
+    outage_stack.stop_service("mlflow", timeout_s=1.0)
+    stopped = time.monotonic()
+    waits = []
+    for step in range(11, 31):
+        began = time.monotonic()
+        logger.log_metrics({"loss": 1.0 / step}, step)
+        waits.append(time.monotonic() - began)
+        time.sleep(0.2)  # a training step
+    queued_while_down = logger.pending()
+    time.sleep(max(0.0, MLFLOW_OUTAGE_S - (time.monotonic() - stopped)))
+    outage_stack.up()
+    restarted = time.monotonic()
+    for step in range(31, 41):
+        logger.log_metrics({"loss": 1.0 / step}, step)
+    logger.flush(120)
+    flushed = time.monotonic()
+    logger.end()
+    history = MlflowClient(uri).get_metric_history(logger.run_id, "loss")
+    steps = sorted(m.step for m in history)
+    print(f"\nMLflow down {restarted - stopped:.1f} s; {queued_while_down} metric batches queued meanwhile, "
+          f"longest log_metrics call {max(waits) * 1000:.1f} ms; all sent {flushed - restarted:.1f} s after the "
+          f"server was back; {logger.outages} outage(s) seen; history has {len(steps)} points")
+    assert queued_while_down > 0  # the outage really held metrics back
+    assert steps == list(range(1, 41))  # none lost, none twice
+    assert all(abs(m.value - 1.0 / m.step) < 1e-9 for m in history)
+
+
+# --------------------------------------------------------------------------- 5. disk full
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 60 MiB tmpfs: one debug-model checkpoint (about 39.5 MB, 2 ranks of about 19.7 MB) fits; of
+    a second, each rank's part passes the free-space check alone and the copies together run
+    out of space: a real ENOSPC mid-copy."""
+    import subprocess
+
+    mount = tmp_path / "ckpt"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=60m", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}); run as root or with CAP_SYS_ADMIN")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.mark.timeout(180)
+def test_a_full_checkpoint_disk_stops_the_job_naming_path_and_bytes(fault_ray, small_tmpfs, tmp_path):
+    import ray.train
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from janus_lab.config import ExperimentConfig
+    from janus_lab.train.launch import run_finetune
+    from synthetic_shards import write_synthetic_dataset
+
+    dataset = write_synthetic_dataset(tmp_path / "shards")
+    cfg = load_config(ExperimentConfig, REPO / "jobs" / "configs" / "debug.yaml", [
+        "name=disk-full", f"data.uri={dataset}", f"train.storage_path={small_tmpfs}", "train.max_steps=2",
+        "train.report_every=1", "train.checkpoint_every=1", "train.eval_every=0",
+        f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"])
+    with pytest.raises(ray.train.TrainingFailedError) as failed:
+        run_finetune(cfg)
+    message = str(failed.value)
+    print(f"\ndisk full: {message[message.find('no space left'):][:400]}")
+    run_dir = small_tmpfs / "disk-full"
+    assert "no space left on the checkpoint path" in message and f"{run_dir}/checkpoint_0000002" in message
+    assert "bytes" in message.split("needs", 1)[1][:40]  # "needs N bytes"
+    # The second checkpoint left nothing behind; the first loads whole, at its step.
+    assert sorted(p.name for p in run_dir.glob("checkpoint_0*")) == ["checkpoint_0000001"]
+    dcp_to_torch_save(run_dir / "checkpoint_0000001", tmp_path / "last-good.pt")
+    import torch
+
+    state = torch.load(tmp_path / "last-good.pt", weights_only=False)["train"]
+    assert state["progress"]["step"] == 1
+    assert state["model"] and all(torch.isfinite(t).all() for t in state["model"].values() if torch.is_tensor(t))
+
+
+def test_a_failed_run_keeps_only_the_checkpoints_ray_train_registered(tmp_path):
+    import json
+
+    from janus_lab.train.launch import CHECKPOINT_SNAPSHOT, drop_unregistered_checkpoints
+
+    run = tmp_path / "run"
+    for name in ("checkpoint_0000001", "checkpoint_0000002"):
+        (run / name).mkdir(parents=True)
+        (run / name / "__0_0.distcp").write_bytes(b"x")
+    (run / CHECKPOINT_SNAPSHOT).write_text(json.dumps({"checkpoint_results": [
+        {"checkpoint_dir_name": "checkpoint_0000001", "metrics": {"step": 1}}]}))
+    assert drop_unregistered_checkpoints(str(run), None) == ["checkpoint_0000002"]
+    assert sorted(p.name for p in run.iterdir()) == sorted(["checkpoint_0000001", CHECKPOINT_SNAPSHOT])
+
+
+# --------------------------------------------------------------------------- 3. a Serve replica killed under load
+
+SERVE_APP = "janus-faults"
+MODEL_OPTIONS = {
+    "max_ongoing_requests": 2, "max_queued_requests": 16, "graceful_shutdown_timeout_s": 2,
+    "user_config": {"max_batch_size": 2, "batch_wait_timeout_s": 0.02, "registry_poll_s": 0},
+    "autoscaling_config": {"min_replicas": 1, "initial_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2,
+                           "upscale_delay_s": 1, "downscale_delay_s": 30, "metrics_interval_s": 0.5,
+                           "look_back_period_s": 2},
+}
+
+
+@pytest.fixture(scope="module")
+def fault_server(fault_ray):
+    """serve/config.yaml's application on the debug model, in the module's cluster; yields its URL."""
+    from ray import serve
+
+    from conftest import free_port
+    from serve_apps import bind_application, deployment_options, serve_config
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    options = deployment_options()
+    options["ImageModel"].update(MODEL_OPTIONS)
+    application = serve_config()["applications"][0]
+    args = {**application["args"], "model": "debug",
+            "access": {**application["args"]["access"], "requests_per_minute": 0, "images_per_minute": 0}}
+    serve.run(bind_application(args, options), name=SERVE_APP, route_prefix="/")
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+
+
+def model_replicas() -> set[str]:
+    """Names of the live ImageModel replica actors of the app."""
+    import ray
+
+    named = ray.util.list_named_actors(all_namespaces=True)  # live ones only; no dashboard needed
+    return {actor["name"] for actor in named if SERVE_APP in actor["name"] and "ImageModel" in actor["name"]}
+
+
+class Tally:
+    """Requests sent, answered 200, failed cleanly (a 5xx with an OpenAI-shaped error body) and
+    lost (anything else: a dropped connection, a timeout, a bare 500)."""
+
+    def __init__(self):
+        import threading
+
+        self.lock = threading.Lock()
+        self.sent = self.ok = self.clean_5xx = self.lost = 0
+        self.lost_detail: list[str] = []
+        self.ok_at: list[float] = []
+
+    def send(self, base: str, seed: int) -> None:
+        import requests
+
+        with self.lock:
+            self.sent += 1
+        try:
+            response = requests.post(f"{base}/v1/images/generations", json={"prompt": "a red circle", "seed": seed},
+                                     timeout=90)
+            outcome = self._classify(response)
+        except requests.RequestException as error:
+            outcome = f"lost: {type(error).__name__}"
+        with self.lock:
+            if outcome == "ok":
+                self.ok += 1
+                self.ok_at.append(time.monotonic())
+            elif outcome == "clean":
+                self.clean_5xx += 1
+            else:
+                self.lost += 1
+                self.lost_detail.append(outcome)
+
+    @staticmethod
+    def _classify(response) -> str:
+        if response.status_code == 200 and response.json().get("data"):
+            return "ok"
+        try:
+            error = response.json()["error"]
+        except ValueError:
+            error = None
+        if response.status_code >= 500 and error and error.get("message"):
+            return "clean"
+        return f"lost: HTTP {response.status_code} {response.text[:200]}"
+
+
+@pytest.mark.timeout(240)
+def test_a_replica_killed_under_load_loses_no_request_and_is_replaced(fault_server):
+    import threading
+
+    import ray
+    import requests
+
+    tally, stop = Tally(), threading.Event()
+
+    def client(worker: int) -> None:
+        seed = worker * 100_000
+        while not stop.is_set():
+            seed += 1
+            tally.send(fault_server, seed)
+
+    clients = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(4)]
+    for thread in clients:
+        thread.start()
+    deadline = time.monotonic() + 120
+    while tally.ok < 4:  # under load: answers flowing, requests in flight
+        assert time.monotonic() < deadline, "the server answered nothing"
+        time.sleep(0.1)
+    before = model_replicas()
+    victim = sorted(before)[0]
+    with tally.lock:
+        sent_at_kill, in_flight = tally.sent, tally.sent - tally.ok - tally.clean_5xx - tally.lost
+    ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+    killed_at = time.monotonic()
+    replaced_at = None
+    while replaced_at is None and time.monotonic() < killed_at + 120:
+        if model_replicas() - before:
+            replaced_at = time.monotonic()
+        time.sleep(0.25)
+    ok_then = tally.ok
+    while tally.ok < ok_then + 8 and time.monotonic() < killed_at + 150:  # load goes on over the new replica
+        time.sleep(0.1)
+    stop.set()
+    for thread in clients:
+        thread.join(120)
+    print(f"\nreplica kill: sent {tally.sent} ({sent_at_kill} before the kill, {in_flight} in flight at it), "
+          f"200 {tally.ok}, clean 5xx {tally.clean_5xx}, lost {tally.lost}; a new replica actor "
+          f"{'%.1f s' % (replaced_at - killed_at) if replaced_at else 'never'} after the kill, the first 200 "
+          f"after it {min((t for t in tally.ok_at if t > killed_at), default=killed_at) - killed_at:.1f} s after")
+    assert tally.lost == 0, tally.lost_detail[:5]
+    assert tally.sent == tally.ok + tally.clean_5xx and tally.sent > sent_at_kill
+    assert replaced_at is not None, "the controller never started a replica in place of the killed one"
+    assert victim not in model_replicas()
+    assert Tally._classify(requests.post(f"{fault_server}/v1/images/generations",
+                                         json={"prompt": "after the kill", "seed": 1}, timeout=90)) == "ok"
+
+
+def test_a_call_whose_replica_died_goes_again_then_becomes_a_clean_503():
+    """The API's own fallback under Serve's rerouting (which answered every request in the kill
+    test above): a dead replica's call is sent again, and past `REPLICA_RETRIES` it is a 503."""
+    import asyncio
+
+    from ray.exceptions import ActorDiedError
+
+    from janus_lab.serving.api import REPLICA_RETRIES, ApiError, ImageApi
+
+    def failing(times: int):
+        calls = []
+
+        async def call():
+            calls.append(1)
+            if len(calls) <= times:
+                raise ActorDiedError()
+            return {"ok": len(calls)}
+
+        return call
+
+    call_model = ImageApi.func_or_class._call_model
+    assert asyncio.run(call_model(failing(REPLICA_RETRIES), "a generation")) == {"ok": REPLICA_RETRIES + 1}
+    with pytest.raises(ApiError) as refused:
+        asyncio.run(call_model(failing(REPLICA_RETRIES + 1), "a generation"))
+    assert (refused.value.status, refused.value.code) == (503, "replica_unavailable")
+    assert refused.value.headers["Retry-After"].isdigit()
+
+
+def test_only_errors_that_mean_s3_did_not_answer_are_retried():
+    import errno
+
+    from janus_lab.retry import is_unavailable
+
+    assert is_unavailable(OSError("When reading information for key 'a/b' in bucket 'j': AWS Error "
+                                  "NETWORK_CONNECTION during HeadObject operation: curlCode: 7"))
+    assert is_unavailable(OSError("AWS Error INTERNAL_FAILURE during GetObject operation: We encountered an "
+                                  "internal error, please try again."))
+    assert is_unavailable(OSError("An error occurred (503) when calling the PutObject operation"))
+    assert not is_unavailable(OSError("AWS Error ACCESS_DENIED for key 'runs/part-503.parquet'"))
+    assert not is_unavailable(FileNotFoundError("s3://j/none"))
+    assert not is_unavailable(OSError(errno.ENOSPC, "No space left on device"))
