@@ -9,6 +9,7 @@ Tests that use ``local_stack`` are marked ``@pytest.mark.integration``.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 
 import pytest
@@ -65,3 +66,26 @@ def serve_cluster():
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium through chromedriver (both Debian packages)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver_path = shutil.which("chromedriver")
+    if not chromium or not driver_path:
+        pytest.fail("chromium and chromedriver are needed (`apt-get install -y chromium chromium-driver`; "
+                    "`make test` installs them)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                 "--window-size=1280,900"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()

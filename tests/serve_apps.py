@@ -4,6 +4,7 @@ their options as written, bound the way `serve.app:build` binds them."""
 from __future__ import annotations
 
 import copy
+import time
 from pathlib import Path
 
 import yaml
@@ -26,3 +27,15 @@ def bind_application(args: dict, options: dict[str, dict]):
 
     return ImageApi.options(**options["ImageApi"]).bind(
         ImageModel.options(**options["ImageModel"]).bind(args), args, ApiLimiter.options(**options["ApiLimiter"]).bind(args))
+
+
+def wait_for(driver, script: str, timeout: float = 60, poll: float = 0.05):
+    """Polls a JS expression until it is truthy; returns its value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = driver.execute_script(f"return {script}")
+        if value:
+            return value
+        time.sleep(poll)
+    state = driver.execute_script("return [document.getElementById('status').textContent, window.playgroundLog]")
+    raise AssertionError(f"timed out waiting for: {script} (status {state[0]!r}, events {state[1]})")

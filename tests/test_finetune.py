@@ -283,10 +283,29 @@ LORA = ("train.lora.rank=4", "train.lora.lr=2e-2")
 
 
 @pytest.fixture(scope="module")
-def lora_uninterrupted(ray_cluster, dataset, tmp_path_factory):
-    """A LoRA run (rank 4) to the end, checkpoints and export on local disk."""
+def registered_base(uninterrupted, local_stack) -> str:
+    """The uninterrupted run's export registered as a model's first version; its alias URI."""
+    from janus_lab.registry import PromoteConfig, promote
+
+    _, full_run = uninterrupted
+    name = f"lora-base-{os.getpid()}"
+    promote(PromoteConfig(run_id=full_run.mlflow_run_id, name=name, tracking_uri=local_stack.mlflow_tracking_uri))
+    return f"models:/{name}@champion"
+
+
+def lora_config(dataset, tmp_path, name: str, base: str, tracking_uri: str, *overrides: str) -> ExperimentConfig:
+    """A rank-4 LoRA run on `base`, a registered version named by its alias, logged to the server
+    whose registry holds it."""
+    return config(dataset, tmp_path, name, *LORA, f"model.weights={base}", f"tracking.tracking_uri={tracking_uri}",
+                  *overrides)
+
+
+@pytest.fixture(scope="module")
+def lora_uninterrupted(ray_cluster, dataset, registered_base, local_stack, tmp_path_factory):
+    """A LoRA run to the end on the registered base, checkpoints and export on local disk, logged
+    to the stack's MLflow server (whose registry holds the base)."""
     tmp = tmp_path_factory.mktemp("lora")
-    cfg = config(dataset, tmp, "lora", *LORA)
+    cfg = lora_config(dataset, tmp, "lora", registered_base, local_stack.mlflow_tracking_uri)
     return cfg, run_finetune(cfg)
 
 
@@ -298,7 +317,8 @@ def checkpoint_model_keys(folder) -> list[str]:
     return [key.removeprefix("train.model.") for key in keys if key.startswith("train.model.")]
 
 
-def test_a_lora_run_trains_and_checkpoints_only_its_adapters_and_exports_a_peft_adapter(lora_uninterrupted):
+def test_a_lora_run_trains_and_checkpoints_only_its_adapters_and_exports_a_peft_adapter(lora_uninterrupted,
+                                                                                        registered_base):
     from mlflow import MlflowClient
 
     from janus_lab.generation import GenerationEngine, GenerationRequest
@@ -306,9 +326,11 @@ def test_a_lora_run_trains_and_checkpoints_only_its_adapters_and_exports_a_peft_
     from janus_lab.model.adapters import ADAPTER_CONFIG, BASE_FILE, read_base
 
     cfg, result = lora_uninterrupted
+    pinned = registered_base.replace("@champion", "/1")
+    assert cfg.model.weights == pinned  # the alias, pinned to its version when the run started
     run = MlflowClient(cfg.tracking.tracking_uri).get_run(result.mlflow_run_id)
     assert run.data.tags["export_kind"] == "adapter"
-    assert run.data.tags["adapter_base"] == "debug:64px:seed42"
+    assert run.data.tags["adapter_base"] == pinned
     metrics = run.data.metrics
     # rank 4 over 7 projections in 2 layers of hidden 64 (ffn 128): 2 x 4 x (4 x 128 + 3 x 192) = 8704
     assert metrics["trainable_params"] == 8704
@@ -322,24 +344,24 @@ def test_a_lora_run_trains_and_checkpoints_only_its_adapters_and_exports_a_peft_
     export = result.export_uri
     assert (os.path.exists(f"{export}/{ADAPTER_CONFIG}") and os.path.exists(f"{export}/{BASE_FILE}")
             and not os.path.exists(f"{export}/config.json"))
-    assert read_base(export).identity == "debug:64px:seed42"
+    assert read_base(export).identity == pinned
     adapted = GenerationEngine.from_bundle(load_generation_model(export))
     request = [GenerationRequest("a red circle", temperature=0, seed=1)]
     assert adapted.generate(request)[0].codes.shape == (1, 16)
 
 
-def test_a_killed_lora_worker_resumes_with_identical_losses(lora_uninterrupted, dataset, tmp_path):
+def test_a_killed_lora_worker_resumes_with_identical_losses(lora_uninterrupted, registered_base, local_stack, dataset,
+                                                            tmp_path):
     """Only the adapters and their AdamW state are in the checkpoint; the frozen base is built
     again from its source, and the losses are the uninterrupted run's."""
-    cfg = config(dataset, tmp_path, "lora-killed", "train.max_failures=2", *LORA)
+    cfg = lora_config(dataset, tmp_path, "lora-killed", registered_base, local_stack.mlflow_tracking_uri,
+                      "train.max_failures=2")
     assert_killed_run_matches(cfg, lora_uninterrupted, tmp_path)
 
 
-def test_an_adapter_of_a_registered_version_is_promoted_and_loads_over_that_version(uninterrupted, local_stack,
-                                                                                    dataset, tmp_path):
-    """The whole registry path of an adapter: a registered base (named by its alias, pinned to its
-    version when the run starts), a LoRA run on it, the adapter promoted into its own registered
-    model, and `models:/<adapter>@champion` generating what the adapter over that base makes."""
+def test_a_promoted_adapter_loads_from_the_registry_over_its_base_version(lora_uninterrupted, local_stack):
+    """An adapter run promoted into its own registered model: the version says what it is and what
+    it belongs to, and `models:/<adapter>@champion` generates what the adapter over that base makes."""
     import torch
     from mlflow import MlflowClient
 
@@ -347,20 +369,14 @@ def test_an_adapter_of_a_registered_version_is_promoted_and_loads_over_that_vers
     from janus_lab.generation.loading import load_generation_model
     from janus_lab.registry import PromoteConfig, promote
 
-    _, full_run = uninterrupted
+    cfg, result = lora_uninterrupted
     tracking = local_stack.mlflow_tracking_uri
-    base_name, adapter_name = f"lora-base-{os.getpid()}", f"lora-style-{os.getpid()}"
-    base_version = promote(PromoteConfig(run_id=full_run.mlflow_run_id, name=base_name, tracking_uri=tracking)).version
-    cfg = config(dataset, tmp_path, "lora-on-registry", *LORA, "train.max_steps=3", "train.eval_every=3",
-                 f"model.weights=models:/{base_name}@champion", f"tracking.tracking_uri={tracking}")
-    result = run_finetune(cfg)
-    assert cfg.model.weights == f"models:/{base_name}/{base_version}"  # pinned, not the moving alias
-
-    promoted = promote(PromoteConfig(run_id=result.mlflow_run_id, name=adapter_name, tracking_uri=tracking))
-    tags = MlflowClient(tracking).get_model_version(adapter_name, promoted.version).tags
-    assert tags["export_kind"] == "adapter" and tags["adapter_base"] == f"models:/{base_name}/{base_version}"
+    name = f"lora-style-{os.getpid()}"
+    promoted = promote(PromoteConfig(run_id=result.mlflow_run_id, name=name, tracking_uri=tracking))
+    tags = MlflowClient(tracking).get_model_version(name, promoted.version).tags
+    assert tags["export_kind"] == "adapter" and tags["adapter_base"] == cfg.model.weights
 
     requests = [GenerationRequest("a red circle", parallel_size=2, temperature=0, seed=1)]
-    from_registry = GenerationEngine.from_bundle(load_generation_model(f"models:/{adapter_name}@champion"))
+    from_registry = GenerationEngine.from_bundle(load_generation_model(f"models:/{name}@champion"))
     from_export = GenerationEngine.from_bundle(load_generation_model(result.export_uri))
     assert torch.equal(from_registry.generate(requests)[0].codes, from_export.generate(requests)[0].codes)

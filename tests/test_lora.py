@@ -206,3 +206,37 @@ def test_an_unknown_adapter_is_a_404_naming_the_ones_served(adapter_server):
     error = response.json()["error"]
     assert error["param"] == "model" and error["code"] == "model_not_found"
     assert "brand, style" in error["message"]
+
+
+@pytest.mark.integration
+def test_the_playground_offers_the_adapters_and_draws_with_the_one_chosen(adapter_server, browser):
+    """In real Chromium: the adapter list comes from /v1/models, and the picture drawn with an
+    adapter chosen is the one the API gives for `<id>:<adapter>` (and differs from the base's)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    from serve_apps import wait_for
+
+    url, _, _ = adapter_server
+    browser.get(f"{url}/")
+    wait_for(browser, "document.getElementById('model').textContent.includes('64 px')")
+    assert browser.find_element(By.ID, "adapter-row").is_displayed()
+    choice = Select(browser.find_element(By.ID, "adapter"))
+    assert [option.text for option in choice.options] == ["none: the base", "brand", "style"]
+    served_id = choice.options[2].get_attribute("value").rsplit(":", 1)[0]
+    choice.select_by_visible_text("style")
+    for name, value in (("prompt", "a red circle on a blue background"), ("seed", "5"), ("cfg_weight", "3"),
+                        ("temperature", "1"), ("top_k", "50")):
+        field = browser.find_element(By.ID, name)
+        field.clear()
+        field.send_keys(value)
+    browser.find_element(By.ID, "generate").click()
+    wait_for(browser, "document.querySelectorAll('#gallery .card').length === 1")
+    card = browser.find_element(By.CSS_SELECTOR, "#gallery .card")
+    assert f"model={served_id}:style" in card.find_element(By.CSS_SELECTOR, ".settings").text.replace(" ", "")
+    src = card.find_element(By.CSS_SELECTOR, "img").get_attribute("src").split(",", 1)[1]
+    shown = np.asarray(Image.open(io.BytesIO(base64.b64decode(src))).convert("RGB"))
+    with_style, _ = served_image(url, f"{served_id}:style", "a red circle on a blue background", 5)
+    base, _ = served_image(url, None, "a red circle on a blue background", 5)
+    assert np.array_equal(shown, np.asarray(with_style))
+    assert not np.array_equal(shown, np.asarray(base))

@@ -242,7 +242,7 @@ def test_an_uploaded_non_square_image_is_letterboxed_before_the_model_reads_it()
     def edited(upload: bytes) -> bytes:
         request = GenerationRequest("make it blue", input_images=[upload], temperature=0, seed=5)
         prepared = validate_request(request, engine.limits, engine.builder, engine.max_sequence_length)
-        return ImageModel.func_or_class._generate_and_encode(current, [(prepared, None)])[0]["images"][0]
+        return ImageModel.func_or_class._generate_and_encode(current, [(prepared, None, None)])[0]["images"][0]
 
     rng = np.random.default_rng(3)
     wide = Image.fromarray(rng.integers(0, 256, (60, 100, 3), dtype=np.uint8))

@@ -21,7 +21,6 @@ import base64
 import glob
 import io
 import os
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serve_apps import bind_application, deployment_options
+from serve_apps import bind_application, deployment_options, wait_for
 
 GREY = (128, 128, 128)
 SIDE = 384
@@ -176,41 +175,6 @@ def test_a_client_leaving_mid_stream_frees_its_rows_and_the_request_batched_with
 
 
 # --------------------------------------------------------------------------- the playground
-
-
-@pytest.fixture(scope="module")
-def browser():
-    """Headless Chromium through chromedriver (both Debian packages)."""
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver_path = shutil.which("chromedriver")
-    if not chromium or not driver_path:
-        pytest.fail("chromium and chromedriver are needed (`apt-get install -y chromium chromium-driver`; "
-                    "`make test` installs them)")
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                 "--window-size=1280,900"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(driver_path), options=options)
-    try:
-        yield driver
-    finally:
-        driver.quit()
-
-
-def wait_for(driver, script: str, timeout: float = 60, poll: float = 0.05):
-    """Polls a JS expression until it is truthy; returns its value."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = driver.execute_script(f"return {script}")
-        if value:
-            return value
-        time.sleep(poll)
-    state = driver.execute_script("return [document.getElementById('status').textContent, window.playgroundLog]")
-    raise AssertionError(f"timed out waiting for: {script} (status {state[0]!r}, events {state[1]})")
 
 
 @pytest.mark.integration
