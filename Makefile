@@ -72,7 +72,7 @@ sample-data: | $(PY)
 
 .PHONY: test demo browser
 test: venv browser
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q --durations=15 $(if $(CI),,-m "not slow")
 
 # The playground's browser test drives Debian's chromium through its chromedriver (browsers that
 # a tool downloads by itself cannot be fetched on these machines); installed once, when missing.

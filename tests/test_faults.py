@@ -202,6 +202,7 @@ def test_an_s3_outage_mid_run_loses_nothing_and_a_short_budget_fails_naming_s3(f
     assert [row["id"] for row in read_split(layout, "train", retry=short)] == expected
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_a_fit_rides_out_an_s3_outage_while_uploading_a_checkpoint(fault_ray, outage_stack, tmp_path):
     """SeaweedFS stopped as the first checkpoint's folder appears (its upload under way): the
@@ -315,6 +316,7 @@ def small_tmpfs(tmp_path):
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_a_full_checkpoint_disk_stops_the_job_naming_path_and_bytes(fault_ray, small_tmpfs, tmp_path):
     import ray.train

@@ -251,7 +251,7 @@ def test_bad_inputs_are_refused_before_any_change(local_stack, exports, client, 
         ([f"run_id={no_export}"], "has no export_uri tag"),
         ([f"run_id={missing_s3}"], "nothing-here does not exist"),
         ([f"run_id={missing_local}"], "no-such-export does not exist"),
-        ([f"run_id={no_weights}"], "is not a Hugging Face checkpoint folder (needs config.json and *.safetensors"),
+        ([f"run_id={no_weights}"], "is neither a Hugging Face checkpoint folder (config.json and *.safetensors) nor a LoRA adapter"),
     ]
     for args, message in cases:
         rc, out, err = promote_job(*args, f"name={name}")
