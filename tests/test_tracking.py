@@ -97,3 +97,22 @@ def test_sweeps_stop_before_any_trial(dead_uri, dataset, tmp_path):
     with pytest.raises(SweepError, match=f"{dead_uri} is not reachable"):
         run_cfg_sweep(cfg_sweep)
     assert not (tmp_path / "tune").exists()
+
+
+def test_buffered_images_logged_one_after_another_each_reach_the_run(tmp_path, monkeypatch):
+    """Each queued image gets its own staging folder, whatever the queue's length or the
+    image's id() (both repeat between a step-0 grid and a later one)."""
+    from mlflow import MlflowClient
+    from PIL import Image
+
+    from janus_lab.tracking import BufferedRunLogger
+
+    monkeypatch.chdir(tmp_path)  # the SQLite store keeps artifacts under ./mlruns
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    logger = BufferedRunLogger.open_run(uri, "images", "grids", params={}, tags={})
+    for step in range(6):
+        logger.log_image(Image.new("RGB", (8, 8), (step * 40, 0, 0)), f"samples/step_{step:07d}.png")
+        logger.flush()  # the queue is empty again before the next image, as between validations
+    logger.end()
+    logged = sorted(a.path for a in MlflowClient(uri).list_artifacts(logger.run_id, "samples"))
+    assert logged == [f"samples/step_{step:07d}.png" for step in range(6)]

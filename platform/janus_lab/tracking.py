@@ -248,6 +248,7 @@ class BufferedRunLogger(RunLogger):
         self._queue: collections.deque = collections.deque()
         self._wake = threading.Condition()
         self._files = tempfile.TemporaryDirectory(prefix="janus-mlflow-") if active else None
+        self._images_logged = 0  # names each image's staging folder: a queue length or id() repeats
         self._thread = threading.Thread(target=self._send_forever, name="mlflow-sender", daemon=True)
         self.outages = 0
         """How many times the server stopped answering while items were queued."""
@@ -271,7 +272,8 @@ class BufferedRunLogger(RunLogger):
     def log_image(self, image, artifact_file: str) -> None:
         if not self.active:
             return
-        folder = Path(self._files.name) / f"{len(self._queue)}-{id(image)}"
+        self._images_logged += 1
+        folder = Path(self._files.name) / f"{self._images_logged:06d}"
         folder.mkdir()
         path = folder / Path(artifact_file).name
         image.save(path)
