@@ -81,10 +81,15 @@ def find_checkpoint_folder(root: Path, uri: str = "") -> Path:
     return found[0]
 
 
+def local_folder(uri: str) -> Path:
+    """A folder or `s3://` prefix as a folder on this machine (an `s3://` one downloaded into the cache)."""
+    return download_prefix(uri) if is_s3_uri(uri) else Path(uri)
+
+
 def load_model_folder(uri: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> JanusBundle:
     """A checkpoint folder or `s3://` prefix: the model in it, or for a LoRA adapter its base with
     the adapter attached (unmerged: exactly what the server computes with it)."""
-    folder = download_prefix(uri) if is_s3_uri(uri) else Path(uri)
+    folder = local_folder(uri)
     if is_adapter_folder(folder):
         return load_adapter_bundle(folder, device=device, dtype=dtype)
     return load_pretrained(folder, dtype=dtype, device=device)

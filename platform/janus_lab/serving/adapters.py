@@ -22,13 +22,11 @@ from janus_lab.model.adapters import AdapterError, attach_adapter, is_adapter_fo
 logger = logging.getLogger("ray.serve")
 
 
-def local_adapter_folder(uri: str, download_dir: str | None = None) -> Path:
+def local_adapter_folder(uri: str) -> Path:
     """An adapter's folder on this machine: as given, downloaded from `s3://`, or from the registry."""
-    from janus_lab.generation.loading import resolve_model_uri
-    from janus_lab.storage import download_prefix, is_s3_uri
+    from janus_lab.generation.loading import local_folder, resolve_model_uri
 
-    resolved = resolve_model_uri(uri, download_dir=download_dir)
-    return download_prefix(resolved) if is_s3_uri(resolved) else Path(resolved)
+    return local_folder(resolve_model_uri(uri))
 
 
 class AdapterHost:
