@@ -83,8 +83,9 @@ def write_two_sources(folder: Path, samples: int, seed: int) -> None:
 
 
 def ingest(source: Path, uri: str, args: argparse.Namespace) -> None:
-    from janus_lab.config import IngestConfig, IngestOutputConfig, IngestSourceConfig, ModelConfig
     from janus_lab.data import run_ingest
+    from janus_lab.data.config import IngestConfig, IngestOutputConfig, IngestSourceConfig
+    from janus_lab.train.config import ModelConfig
 
     rows_per_shard = args.steps_per_shard * args.workers * args.micro_batch * args.accumulation
     cfg = IngestConfig(source=IngestSourceConfig(format="jsonl", path=str(source)),

@@ -102,8 +102,9 @@ def start_ray() -> None:
 
 def write_and_ingest(work: Path, bucket: str, args: argparse.Namespace) -> tuple[str, Path]:
     """Writes the sample dataset and ingests it into the local S3; returns (dataset URI, source)."""
-    from janus_lab.config import IngestConfig, IngestOutputConfig, IngestSourceConfig, ModelConfig
     from janus_lab.data import run_ingest, write_sample_dataset
+    from janus_lab.data.config import IngestConfig, IngestOutputConfig, IngestSourceConfig
+    from janus_lab.train.config import ModelConfig
 
     source = work / "source"
     num_t2i = round(args.samples * 0.6)
@@ -120,8 +121,8 @@ def write_and_ingest(work: Path, bucket: str, args: argparse.Namespace) -> tuple
 
 def model_for(manifest):
     """The model the dataset was ingested with (same preset, side and init seed: same VQ codes)."""
-    from janus_lab.config import ModelConfig
     from janus_lab.model.weights import build_bundle
+    from janus_lab.train.config import ModelConfig
 
     spec = manifest.model
     config = ModelConfig(preset=spec["preset"], weights=spec.get("weights"), image_size=int(spec["image_size"]))

@@ -62,9 +62,9 @@ class Mode:
     """One way of training the same model: full (rank 0) or LoRA at `rank`."""
 
     def __init__(self, args: argparse.Namespace, rank: int, device: torch.device):
-        from janus_lab.config import LoraConfig, TrainConfig
         from janus_lab.model import GenerationObjective
         from janus_lab.model.adapters import apply_lora
+        from janus_lab.train.config import LoraConfig, TrainConfig
         from janus_lab.train.loop import build_optimizer
 
         self.name = f"LoRA r={rank}" if rank else "full"
@@ -133,9 +133,9 @@ def training(args: argparse.Namespace, device: torch.device) -> None:
 def serving(args: argparse.Namespace, device: torch.device) -> None:
     import tempfile
 
-    from janus_lab.config import LoraConfig
     from janus_lab.generation import GenerationEngine, GenerationRequest
     from janus_lab.model import adapters
+    from janus_lab.train.config import LoraConfig
 
     rank = args.ranks[-1]
     cfg = LoraConfig(rank=rank)

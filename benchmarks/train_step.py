@@ -176,8 +176,8 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
 def build(args: argparse.Namespace, device: torch.device):
     """The model (fp32 parameters), its objective and AdamW, as the training loop sets them up."""
     from janus_lab.model import PRESETS, GenerationObjective
+    from janus_lab.train.config import TrainConfig
     from janus_lab.train.distributed import apply_activation_checkpointing
-    from janus_lab.config import TrainConfig
     from janus_lab.train.loop import build_optimizer
 
     torch.manual_seed(args.seed)

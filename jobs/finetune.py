@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import sys
 
-from janus_lab.config import ExperimentConfig, parse_cli
+from janus_lab.config import parse_cli
+from janus_lab.train.config import ExperimentConfig
 from janus_lab.train.launch import PreflightError, run_finetune
 
 

@@ -17,8 +17,9 @@ from __future__ import annotations
 import logging
 import sys
 
-from janus_lab.config import IngestConfig, parse_cli
+from janus_lab.config import parse_cli
 from janus_lab.data import IngestError, OutputExistsError, SourceError, run_ingest
+from janus_lab.data.config import IngestConfig
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import sys
 
-from janus_lab.config import CfgSweepConfig
 from janus_lab.sweeps.cfg import run_cfg_sweep
+from janus_lab.sweeps.config import CfgSweepConfig
 from janus_lab.sweeps.runner import sweep_cli
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import sys
 
-from janus_lab.config import MaskingAblationConfig
+from janus_lab.sweeps.config import MaskingAblationConfig
 from janus_lab.sweeps.masking import run_masking_ablation
 from janus_lab.sweeps.runner import sweep_cli
 

@@ -8,21 +8,14 @@ from typing import Literal
 
 import pytest
 
-from janus_lab import config
-from janus_lab.config import (
-    CONFIG_DIRS,
-    ConfigError,
-    ExperimentConfig,
-    ModelConfig,
-    TrainConfig,
-    describe,
-    dump_yaml,
-    field_docs,
-    flatten,
-    load_config,
-    parse_cli,
-    to_dict,
-)
+from janus_lab import config, retry
+from janus_lab.config import ConfigError, describe, dump_yaml, field_docs, flatten, load_config, parse_cli, to_dict
+from janus_lab.data import config as data_config
+from janus_lab.data.config import IngestConfig
+from janus_lab.sweeps import config as sweeps_config
+from janus_lab.train import config as train_config
+from janus_lab.train.config import ExperimentConfig, ModelConfig, TrainConfig
+from shipped_configs import CONFIG_DIRS
 
 REPO = Path(__file__).resolve().parents[1]
 DEBUG_YAML = REPO / "jobs" / "configs" / "debug.yaml"
@@ -197,9 +190,10 @@ def test_empty_section_means_its_defaults(tmp_path):
 
 
 def test_every_config_field_has_a_docstring():
-    classes = [c for _, c in inspect.getmembers(config, dataclasses.is_dataclass)
-               if c.__module__ == config.__name__]
-    assert ExperimentConfig in classes and len(classes) >= 7
+    modules = (config, train_config, data_config, sweeps_config, retry)
+    classes = [c for module in modules for _, c in inspect.getmembers(module, dataclasses.is_dataclass)
+               if c.__module__ == module.__name__]
+    assert ExperimentConfig in classes and len(classes) >= 18
     missing = [f"{c.__name__}.{f.name}" for c in classes for f in dataclasses.fields(c)
                if not field_docs(c).get(f.name)]
     assert not missing, f"fields without a docstring: {missing}"
@@ -435,8 +429,6 @@ def test_checks_also_run_on_direct_construction_and_replace():
 
 
 def test_validation_split_is_held_out_by_fraction_or_by_count():
-    from janus_lab.config import IngestConfig
-
     ingest_yaml = REPO / "jobs" / "configs" / "ingest_sample.yaml"
     split = load_config(IngestConfig, None).split
     assert (split.fraction, split.val_count) == (0.1, None)  # nothing set: 10% by fraction
@@ -455,7 +447,7 @@ def test_validation_split_is_held_out_by_fraction_or_by_count():
 def test_every_job_takes_its_prompt_cap_from_its_config(cls, key):
     from janus_lab.evaluation.evaluate import EvaluateConfig
 
-    classes = {"IngestConfig": config.IngestConfig, "ExperimentConfig": ExperimentConfig,
+    classes = {"IngestConfig": IngestConfig, "ExperimentConfig": ExperimentConfig,
                "EvaluateConfig": EvaluateConfig}
     required = ["model=debug", "data_uri=d"] if cls == "EvaluateConfig" else []
     loaded = load_config(classes[cls], None, [*required, f"{key}=512"])

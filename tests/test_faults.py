@@ -23,8 +23,10 @@ import pytest
 from pyarrow import fs as pafs
 
 from faults import MLFLOW_OUTAGE_S, S3Outage
-from janus_lab.config import IngestConfig, S3RetryConfig, load_config
+from janus_lab.config import load_config
 from janus_lab.data import MANIFEST_NAME, REJECTS_NAME, DatasetManifest, read_shards, run_ingest, write_sample_dataset
+from janus_lab.data.config import IngestConfig
+from janus_lab.retry import S3RetryConfig
 from janus_lab.retry import S3UnavailableError
 from janus_lab.stack import LocalStack
 from janus_lab.storage import pyarrow_filesystem
@@ -211,8 +213,8 @@ def test_a_fit_rides_out_an_s3_outage_while_uploading_a_checkpoint(fault_ray, ou
     from mlflow import MlflowClient
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-    from janus_lab.config import ExperimentConfig
     from janus_lab.storage import download_prefix, upload_folder
+    from janus_lab.train.config import ExperimentConfig
     from janus_lab.train.launch import run_finetune
     from synthetic_shards import write_synthetic_dataset
 
@@ -322,7 +324,7 @@ def test_a_full_checkpoint_disk_stops_the_job_naming_path_and_bytes(fault_ray, s
     import ray.train
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-    from janus_lab.config import ExperimentConfig
+    from janus_lab.train.config import ExperimentConfig
     from janus_lab.train.launch import run_finetune
     from synthetic_shards import write_synthetic_dataset
 

@@ -15,7 +15,8 @@ import time
 import psutil
 import pytest
 
-from janus_lab.config import ExperimentConfig, load_config
+from janus_lab.config import load_config
+from janus_lab.train.config import ExperimentConfig
 from janus_lab.train.launch import PreflightError, preflight, run_finetune
 from synthetic_shards import write_synthetic_dataset
 

@@ -17,10 +17,10 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from janus_lab.config import TrainConfig
 from janus_lab.data.stream import StreamSpec, micro_batches
 from janus_lab.generation import GenerationEngine, GenerationRequest
 from janus_lab.model import SequenceBuilder, debug
+from janus_lab.train.config import TrainConfig
 from janus_lab.train.distributed import decoder_layers, prepare_for_training
 from janus_lab.train.loop import build_optimizer, gradient_sync
 from synthetic_shards import write_synthetic_dataset
@@ -111,8 +111,8 @@ def test_lora_under_fsdp_trains_fp32_adapters_over_a_frozen_base_bf16_on_cuda(pr
     """What a LoRA worker runs: the base cast to bf16 on CUDA (fp32 on CPU), adapters in fp32,
     both in the same FSDP2 units; only the adapters change."""
     pytest.importorskip("peft")  # a bare GPU box's Python may lack it (benchmarks/gpu_suite.sh)
-    from janus_lab.config import LoraConfig
     from janus_lab.model.adapters import apply_lora
+    from janus_lab.train.config import LoraConfig
 
     device = process_group
     torch.manual_seed(0)

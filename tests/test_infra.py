@@ -36,7 +36,9 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 
-from janus_lab.config import CONFIG_DIRS, ExperimentConfig, load_config
+from janus_lab.config import load_config
+from janus_lab.train.config import ExperimentConfig
+from shipped_configs import CONFIG_DIRS
 
 REPO = Path(__file__).resolve().parents[1]
 INFRA = REPO / "infra"
@@ -221,7 +223,7 @@ def config_class(config_path: str) -> type:
     for folder, cls in CONFIG_DIRS.items():
         if relative.is_relative_to(folder):
             return cls
-    raise AssertionError(f"{config_path} is in no folder of janus_lab.config.CONFIG_DIRS; "
+    raise AssertionError(f"{config_path} is in no folder of tests/shipped_configs.py's CONFIG_DIRS; "
                          f"register its folder there with the config class it loads as")
 
 

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from janus_lab.config import IngestConfig, load_config
+from janus_lab.config import load_config
 from janus_lab.data import (
     MANIFEST_NAME,
     IngestError,
@@ -29,6 +29,7 @@ from janus_lab.data import (
     split_of,
     write_sample_dataset,
 )
+from janus_lab.data.config import IngestConfig
 from janus_lab.data.images import ImageRejected, decode_png_pixels, encode_png, letterbox, prepare_image
 from janus_lab.data.ingest import (
     ENCODED_SCHEMA,

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from janus_lab.config import IngestConfig, load_config
+from janus_lab.config import load_config
 from janus_lab.data import (
     MANIFEST_NAME,
     IngestError,
@@ -31,6 +31,7 @@ from janus_lab.data import (
     split_of,
     write_sample_dataset,
 )
+from janus_lab.data.config import IngestConfig
 from janus_lab.data.images import decode_png_pixels
 from janus_lab.data.ingest import (
     vq_fingerprint,

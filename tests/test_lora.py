@@ -16,12 +16,12 @@ import pytest
 import torch
 from PIL import Image
 
-from janus_lab.config import LoraConfig
 from janus_lab.generation import GenerationEngine, GenerationRequest
 from janus_lab.generation.loading import load_generation_model
 from janus_lab.model import adapters
 from janus_lab.model.builders import debug
 from janus_lab.model.weights import save_pretrained
+from janus_lab.train.config import LoraConfig
 
 
 def adapted_debug(cfg: LoraConfig, seed: int, image_size: int = 64):

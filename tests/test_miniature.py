@@ -7,13 +7,15 @@ import json
 import pytest
 import torch
 
-from janus_lab.config import CfgSweepConfig, ConfigError, ExperimentConfig, load_config
+from janus_lab.config import ConfigError, load_config
 from janus_lab.miniature.assets import MINI_DIR, eval_pixels, load_mini_vq
 from janus_lab.miniature.score import chance_scores, copy_input_scores, read_image, score_sample, summarise
 from janus_lab.miniature.vq_train import VQTrainConfig, evaluate_psnr, patch_purity, purity_scenes
 from janus_lab.miniature.world import (COLORS, EDIT_KINDS, Scene, Shape, WorldRecord, canonical_scene, describe,
                                        evaluation_records, held_out_canonical, is_held_out, read_targets,
                                        training_records, write_eval_requests, write_world_dataset)
+from janus_lab.sweeps.config import CfgSweepConfig
+from janus_lab.train.config import ExperimentConfig
 
 
 @pytest.fixture(scope="module")

@@ -91,7 +91,7 @@ def test_save_and_load_round_trip(bundle, tmp_path):
 
 
 def test_training_builds_float32_master_weights_from_a_bfloat16_checkpoint(tmp_path):
-    from janus_lab.config import ModelConfig
+    from janus_lab.train.config import ModelConfig
 
     save_pretrained(debug(seed=3, dtype=torch.bfloat16), tmp_path / "bf16")
     assert {p.dtype for p in load_pretrained(tmp_path / "bf16").model.parameters()} == {torch.bfloat16}

@@ -68,7 +68,8 @@ def sweep_command(*args: str) -> list[str]:
 def test_masking_ablation_killed_after_a_trial_resumes_and_runs_every_cell_once(ray_cluster, tmp_path):
     from ray.tune import ExperimentAnalysis
 
-    from janus_lab.config import MaskingAblationConfig, load_config
+    from janus_lab.config import load_config
+    from janus_lab.sweeps.config import MaskingAblationConfig
     from janus_lab.sweeps.masking import run_masking_ablation
 
     dataset = write_synthetic_dataset(tmp_path / "shards")
@@ -133,11 +134,12 @@ def test_masking_ablation_killed_after_a_trial_resumes_and_runs_every_cell_once(
 
 
 def test_cfg_sweep_scores_a_checkpoint_and_writes_the_best_setting(ray_cluster, tmp_path):
-    from janus_lab.config import CfgSweepConfig, load_config
+    from janus_lab.config import load_config
     from janus_lab.evaluation.clip import save_random_clip
     from janus_lab.model import debug
     from janus_lab.model.weights import save_pretrained
     from janus_lab.sweeps.cfg import run_cfg_sweep
+    from janus_lab.sweeps.config import CfgSweepConfig
 
     save_pretrained(debug(), tmp_path / "checkpoint")
     save_random_clip(tmp_path / "clip")

@@ -11,7 +11,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from janus_lab.config import CfgSweepConfig, ConfigError, MaskingAblationConfig, load_config
+from janus_lab.config import ConfigError, load_config
+from janus_lab.sweeps.config import CfgSweepConfig, MaskingAblationConfig
 from janus_lab.sweeps.grid import cell_label, cell_slug, grid_cells
 from janus_lab.sweeps.results import ResultsTable
 from janus_lab.sweeps.runner import SweepError, TrialResources, plan_concurrency

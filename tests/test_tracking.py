@@ -12,13 +12,15 @@ import threading
 
 import pytest
 
-from janus_lab.config import CfgSweepConfig, ExperimentConfig, MaskingAblationConfig, load_config
+from janus_lab.config import load_config
 from janus_lab.generation.loading import ModelSourceError, registered_version
 from janus_lab.registry import PromoteConfig, PromotionError, promote
 from janus_lab.sweeps.cfg import run_cfg_sweep
+from janus_lab.sweeps.config import CfgSweepConfig, MaskingAblationConfig
 from janus_lab.sweeps.masking import run_masking_ablation
 from janus_lab.sweeps.runner import SweepError
 from janus_lab.tracking import TrackingServerError, check_tracking_server
+from janus_lab.train.config import ExperimentConfig
 from janus_lab.train.launch import PreflightError, run_finetune
 from synthetic_shards import write_synthetic_dataset
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from janus_lab.config import TrainConfig
+from janus_lab.train.config import TrainConfig
 from janus_lab.train.loop import build_optimizer
 from janus_lab.train.schedule import build_scheduler
 from janus_lab.train.state import ResumeMismatchError, TrainState, data_geometry

@@ -13,6 +13,7 @@ request or a full disk fail at once, since waiting would not change them.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import re
@@ -20,7 +21,7 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from janus_lab.config import S3RetryConfig
+from janus_lab.config import check_non_negative, check_positive
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,23 @@ def is_unavailable(error: BaseException) -> bool:
         pass
     text = f"{type(error).__name__}: {error}".lower()
     return any(marker.lower() in text for marker in _UNAVAILABLE_MARKERS) or bool(_GATEWAY_STATUS.search(text))
+
+
+@dataclasses.dataclass
+class S3RetryConfig:
+    """How long a job waits out an S3 outage before it fails (the `retry` section; docs/reliability.md)."""
+
+    attempts: int = 8
+    """Tries of one storage step (a shard write, a window read, a checkpoint upload) while S3 does
+    not answer; 1 = no retry. The defaults wait 1+2+4+8+16+30+30 s, about 1.5 min, in all."""
+    first_delay_s: float = 1.0
+    """Wait before the first retry; each later wait doubles."""
+    max_delay_s: float = 30.0
+    """Longest single wait."""
+
+    def __post_init__(self) -> None:
+        check_positive(self, "attempts")
+        check_non_negative(self, "first_delay_s", "max_delay_s")
 
 
 def backoff_delays(policy: S3RetryConfig) -> list[float]:

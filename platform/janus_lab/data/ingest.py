@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 from pyarrow import fs as pafs
 
 from janus_lab.cluster import connect_ray, in_submitted_job
-from janus_lab.config import IngestConfig, IngestOutputConfig, ModelConfig, S3RetryConfig
+from janus_lab.data.config import IngestConfig, IngestOutputConfig
 from janus_lab.data.images import ImageRejected, decode_png_pixels, encode_png, prepare_image
 from janus_lab.data.order import order_key
 from janus_lab.data.schema import (
@@ -73,8 +73,10 @@ from janus_lab.data.sources import (
     read_records,
 )
 from janus_lab.patches import num_image_tokens
+from janus_lab.retry import S3RetryConfig
 from janus_lab.retry import with_s3_retries
 from janus_lab.storage import is_s3_uri, pyarrow_filesystem
+from janus_lab.train.config import ModelConfig
 
 log = logging.getLogger(__name__)
 

@@ -36,10 +36,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from janus_lab.config import S3RetryConfig
 from janus_lab.data.order import ShuffleWithinBlock, order_key
 from janus_lab.data.schema import DatasetManifest
 from janus_lab.model.sequence import SequenceBuilder, TokenizedSample, collate_samples, draw_mask_decision
+from janus_lab.retry import S3RetryConfig
 from janus_lab.retry import with_s3_retries
 from janus_lab.storage import pyarrow_filesystem
 

@@ -11,13 +11,13 @@ from __future__ import annotations
 import pyarrow.parquet as pq
 import torch
 
-from janus_lab.config import ExperimentConfig, TrainConfig
 from janus_lab.data.schema import DatasetManifest
 from janus_lab.data.stream import STREAM_COLUMNS
 from janus_lab.model import GenerationObjective
 from janus_lab.model.builders import JanusBundle
 from janus_lab.model.sequence import PromptTooLongError, SequenceBuilder
 from janus_lab.storage import pyarrow_filesystem
+from janus_lab.train.config import ExperimentConfig, TrainConfig
 
 
 class EvaluationDataError(ValueError):

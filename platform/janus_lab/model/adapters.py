@@ -45,7 +45,7 @@ class AdapterBase:
         return base_identity(self.preset, self.weights, self.image_size, self.init_seed)
 
     def model_config(self):
-        from janus_lab.config import ModelConfig
+        from janus_lab.train.config import ModelConfig
 
         return ModelConfig(preset=self.preset, weights=self.weights, image_size=self.image_size)
 
@@ -79,7 +79,7 @@ def lora_target_pattern(cfg) -> str:
 
 
 def peft_config(cfg):
-    """The `peft.LoraConfig` of a `janus_lab.config.LoraConfig`."""
+    """The `peft.LoraConfig` of a `janus_lab.train.config.LoraConfig`."""
     import peft
 
     return peft.LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha if cfg.alpha is not None else 2 * cfg.rank,
@@ -119,7 +119,7 @@ def save_adapter(state: dict[str, torch.Tensor], cfg, base: AdapterBase, uri: st
 
     Args:
         state: the adapter's tensors as `adapter_state` names them.
-        cfg: the `janus_lab.config.LoraConfig` it was trained with.
+        cfg: the `janus_lab.train.config.LoraConfig` it was trained with.
     """
     from safetensors.torch import save_file
 

@@ -126,7 +126,7 @@ def build_bundle(model, init_seed: int, dtype: torch.dtype = torch.float32) -> J
     VQ tokenizer in both when they use the same seed.
 
     Args:
-        model: a `janus_lab.config.ModelConfig`; `weights` may be a folder, an `s3://` prefix or
+        model: a `janus_lab.train.config.ModelConfig`; `weights` may be a folder, an `s3://` prefix or
             a registry version (`models:/name/version`).
         init_seed: seed of the random init (ignored when weights are given).
         dtype: parameter dtype, whatever the checkpoint holds. Training keeps float32 master

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from janus_lab.config import ConfigError, _check_non_negative, _check_positive, from_dict, load_config
+from janus_lab.config import ConfigError, check_non_negative, check_positive, from_dict, load_config
 from janus_lab.generation import GenerationLimits
 from janus_lab.settings import ModelSource, SamplingSettings
 
@@ -33,7 +33,7 @@ class ServeLimits:
     """Largest uploaded image in pixels, read from its header before it is decoded."""
 
     def __post_init__(self) -> None:
-        _check_positive(self, "max_text_tokens", "max_n", "max_input_images", "max_upload_bytes", "max_input_pixels")
+        check_positive(self, "max_text_tokens", "max_n", "max_input_images", "max_upload_bytes", "max_input_pixels")
 
     def generation_limits(self, max_batch_size: int) -> GenerationLimits:
         """The engine's limits for batches of up to `max_batch_size` requests."""
@@ -68,7 +68,7 @@ class AccessConfig:
     """Most images (the sum of `n`) one key may ask for in any 60 s; 0: no limit."""
 
     def __post_init__(self) -> None:
-        _check_non_negative(self, "requests_per_minute", "images_per_minute")
+        check_non_negative(self, "requests_per_minute", "images_per_minute")
         # The value is not quoted back: it may be a key someone pasted in.
         if self.api_keys_env is not None and not ENV_VAR_NAME.fullmatch(self.api_keys_env):
             raise ValueError("api_keys_env must be the name of an environment variable (upper case, "
@@ -107,7 +107,7 @@ class ServeArgs(ModelSource):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_positive(self, "max_adapters_per_replica")
+        check_positive(self, "max_adapters_per_replica")
         for name, uri in self.adapters.items():
             if not ADAPTER_NAME.fullmatch(name) or not isinstance(uri, str) or not uri.strip():
                 raise ValueError(f"adapters.{name}: an adapter needs a name of letters, digits, '.', '_' or '-' "
@@ -161,8 +161,8 @@ class ModelUserConfig:
     alias loads the new version and swaps it in between batches."""
 
     def __post_init__(self) -> None:
-        _check_positive(self, "max_batch_size")
-        _check_non_negative(self, "batch_wait_timeout_s", "registry_poll_s")
+        check_positive(self, "max_batch_size")
+        check_non_negative(self, "batch_wait_timeout_s", "registry_poll_s")
 
     @classmethod
     def parse(cls, user_config: Mapping[str, Any] | None) -> "ModelUserConfig":

@@ -21,8 +21,8 @@ from typing import Any
 
 import yaml
 
-from janus_lab.config import WORLD_SWEEP_METRICS, CfgSweepConfig
 from janus_lab.storage import is_s3_uri
+from janus_lab.sweeps.config import WORLD_SWEEP_METRICS, CfgSweepConfig
 from janus_lab.sweeps.grid import cell_label, grid_cells
 from janus_lab.sweeps.runner import RUN_ID_METRIC, SweepError, SweepOutcome, SweepSpec, TrialResources
 from janus_lab.sweeps.runner import open_trial_run, reported_earlier, run_sweep

@@ -13,12 +13,14 @@ import json
 import os
 from typing import Any
 
-from janus_lab.config import ConfigError, ExperimentConfig, MaskingAblationConfig, from_dict, load_config, to_dict
+from janus_lab.config import ConfigError, from_dict, load_config, to_dict
 from janus_lab.storage import is_s3_uri
+from janus_lab.sweeps.config import MaskingAblationConfig
 from janus_lab.sweeps.grid import cell_label, cell_slug, grid_cells
 from janus_lab.sweeps.runner import RUN_ID_METRIC, SweepError, SweepOutcome, SweepSpec, TrialResources, run_sweep
 from janus_lab.sweeps.runner import open_trial_run, reported_earlier
 from janus_lab.tracking import check_tracking_server, resolve_tracking_uri
+from janus_lab.train.config import ExperimentConfig
 
 
 def trial_experiments(cfg: MaskingAblationConfig, tracking_uri: str) -> dict[str, ExperimentConfig]:

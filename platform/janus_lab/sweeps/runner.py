@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Mapping
 
 from janus_lab.cluster import connect_ray, ray_storage
-from janus_lab.config import SweepRunConfig
+from janus_lab.sweeps.config import SweepRunConfig
 from janus_lab.sweeps.grid import cell_label, cell_slug, grid_cells
 from janus_lab.sweeps.results import ResultsTable
 from janus_lab.tracking import GIT_COMMIT_TAG, PARENT_RUN_TAG, RunLogger, find_run, git_commit

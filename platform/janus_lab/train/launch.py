@@ -8,11 +8,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from janus_lab.cluster import forwarded_env, ray_storage
-from janus_lab.config import ExperimentConfig, flatten, to_dict
+from janus_lab.config import flatten, to_dict
 from janus_lab.data.schema import DatasetManifest
 from janus_lab.data.stream import DatasetLayout, scan_layout, steps_per_epoch
 from janus_lab.patches import num_image_tokens
 from janus_lab.storage import is_s3_uri
+from janus_lab.train.config import ExperimentConfig
 from janus_lab.train.loop import LoopPlan, train_loop_per_worker
 
 if TYPE_CHECKING:

@@ -16,12 +16,13 @@ from dataclasses import dataclass, field, fields
 import torch
 import torch.distributed as dist
 
-from janus_lab.config import ExperimentConfig, TrainConfig, from_dict
+from janus_lab.config import from_dict
 from janus_lab.data.stream import (DatasetLayout, StreamSpec, epoch_micro_batches, epoch_order_signature,
                                    micro_batches, read_split)
 from janus_lab.model.builders import JanusBundle
 from janus_lab.model.weights import build_bundle
 from janus_lab.model.sequence import SequenceBuilder
+from janus_lab.train.config import ExperimentConfig, TrainConfig
 from janus_lab.train.distributed import prepare_for_training
 from janus_lab.train.schedule import build_scheduler
 from janus_lab.train.state import TrainState, data_geometry

@@ -21,7 +21,7 @@ import os
 import shutil
 from pathlib import Path
 
-from janus_lab.config import S3RetryConfig
+from janus_lab.retry import S3RetryConfig
 from janus_lab.retry import with_s3_retries
 
 
