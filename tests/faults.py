@@ -2,15 +2,20 @@
 
 `S3Outage` stops the SeaweedFS process a stack launched, keeps it down, then starts it again on
 the same ports and data folder, in a background thread, so the job under test runs through it.
+`RayWorkerNode` joins a second raylet to the test's cluster and kills it whole.
 """
 
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from janus_lab.stack import LocalStack
 
@@ -73,3 +78,60 @@ class S3Outage:
                 self.stack.up()
             except BaseException:  # noqa: BLE001
                 pass
+
+
+@dataclass
+class RayWorkerNode:
+    """A second raylet joined to a running cluster (`ray start --address ... --block`), in a
+    process group of its own, so `kill()` takes the raylet and everything it started at once:
+    a lost machine, not a drained one.
+
+    Attributes set as it runs: `node_id` (once it joined), `killed_at` (time.monotonic()).
+    """
+
+    address: str
+    num_cpus: int
+    join_timeout_s: float = 90.0
+    node_id: str | None = None
+    killed_at: float | None = None
+    _process: "subprocess.Popen | None" = field(default=None, repr=False)
+
+    def start(self) -> "RayWorkerNode":
+        import ray
+
+        from conftest import free_port
+
+        before = {node["NodeID"] for node in ray.nodes()}
+        ports = {flag: str(free_port()) for flag in ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+                                                     "--metrics-export-port", "--runtime-env-agent-port")}
+        command = [str(Path(sys.executable).with_name("ray")), "start", f"--address={self.address}",
+                   f"--num-cpus={self.num_cpus}", "--num-gpus=0", "--block", "--disable-usage-stats",
+                   *[f"{flag}={port}" for flag, port in ports.items()]]
+        # Its own session: one killpg reaches the raylet and the agents and workers it started.
+        self._process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL,
+                                         stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + self.join_timeout_s
+        while self.node_id is None:
+            if self._process.poll() is not None or time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError(f"the second raylet did not join {self.address} ({' '.join(command)})")
+            time.sleep(0.5)
+            joined = [node["NodeID"] for node in ray.nodes() if node["Alive"] and node["NodeID"] not in before]
+            self.node_id = joined[0] if joined else None
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL to the node's whole process group; returns once the cluster has marked it dead."""
+        import ray
+
+        self.killed_at = time.monotonic()
+        try:
+            os.killpg(self._process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self._process.wait(timeout=30)
+        deadline = time.monotonic() + 120
+        while self.node_id and time.monotonic() < deadline:
+            if not any(node["NodeID"] == self.node_id and node["Alive"] for node in ray.nodes()):
+                return
+            time.sleep(0.5)

@@ -296,6 +296,257 @@ def test_metrics_logged_while_mlflow_is_down_arrive_once_each_in_order(outage_st
     assert all(abs(m.value - 1.0 / m.step) < 1e-9 for m in history)
 
 
+# --------------------------------------------------------------------------- 4. a Ray node lost
+
+STEPS = 10
+
+
+def sweep_config(tmp_path: Path, tracking_uri: str, *overrides: str):
+    """The debug masking ablation cut to two cells (t2i_text_drop 0.0 and 0.25), one trial at a
+    time, `STEPS` steps each with every step logged and a checkpoint every 4, on the synthetic shards;
+    Tune's and Ray Train's storage in `tmp_path`."""
+    import dataclasses
+
+    from janus_lab.sweeps.config import MaskingAblationConfig
+    from synthetic_shards import write_synthetic_dataset
+
+    dataset = write_synthetic_dataset(tmp_path / "shards")
+    cfg = load_config(MaskingAblationConfig, REPO / "sweeps" / "configs" / "debug.yaml", [
+        f"overrides.data.uri={dataset}", f"overrides.train.storage_path={tmp_path / 'runs'}",
+        f"overrides.train.max_steps={STEPS}", "overrides.train.report_every=1", "overrides.train.checkpoint_every=4",
+        f"run.storage_path={tmp_path / 'tune'}", "run.max_concurrent_trials=1",
+        f"tracking.tracking_uri={tracking_uri}", f"tracking.experiment=faults-{uuid.uuid4().hex[:8]}", *overrides])
+    return dataclasses.replace(cfg, grid={"masking.t2i_text_drop": [0.0, 0.25]})
+
+
+def registered_steps(run_folder: Path) -> list[int]:
+    """Steps of the checkpoints Ray Train registered for a run (its snapshot), [] before any."""
+    import json
+
+    from janus_lab.train.launch import CHECKPOINT_SNAPSHOT
+
+    try:
+        snapshot = json.loads((run_folder / CHECKPOINT_SNAPSHOT).read_text())
+    except (OSError, ValueError):
+        return []
+    return [entry["metrics"]["step"] for entry in snapshot.get("checkpoint_results", [])]
+
+
+def child_runs(tracking_uri: str, experiment: str) -> dict:
+    """The sweep's child runs by cell slug."""
+    from mlflow import MlflowClient
+
+    from janus_lab.sweeps.runner import SWEEP_CELL_TAG
+
+    client = MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([found.experiment_id]) if found else []
+    return {run.data.tags[SWEEP_CELL_TAG]: run for run in runs if SWEEP_CELL_TAG in run.data.tags}
+
+
+def loss_points(tracking_uri: str, run_id: str) -> list:
+    from mlflow import MlflowClient
+
+    return sorted(MlflowClient(tracking_uri).get_metric_history(run_id, "loss"), key=lambda m: (m.timestamp, m.step))
+
+
+@pytest.fixture
+def head_held(fault_ray):
+    """Every CPU the head node has free, held by an actor pinned to it: trials can only start
+    on a node the test adds. Yields a function that lets the head's CPUs go."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    @ray.remote
+    class Holder:
+        def ready(self) -> bool:
+            return True
+
+    head = ray.get_runtime_context().get_node_id()
+    holder = Holder.options(num_cpus=ray.available_resources()["CPU"],
+                            scheduling_strategy=NodeAffinitySchedulingStrategy(head, soft=False)).remote()
+    ray.get(holder.ready.remote(), timeout=60)
+    released = []
+
+    def release() -> None:
+        if not released:
+            ray.kill(holder)
+            released.append(True)
+
+    yield release
+    release()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_sweep_whose_node_is_lost_resumes_its_trial_from_the_checkpoint_and_keeps_the_finished_one(
+        fault_ray, outage_stack, head_held, tmp_path):
+    """A second raylet joins the cluster and, the head's CPUs held, runs every trial of a 2-cell
+    sweep; once the first trial has finished and the second has a registered checkpoint (step 4
+    of 10), the node's whole process group is killed and the head's CPUs let go. Tune starts the
+    lost trial again: it logs only the steps after its last checkpoint, into the same child run;
+    the finished trial is not run again."""
+    import threading
+
+    import ray
+    from ray.tune import ExperimentAnalysis
+
+    from faults import RayWorkerNode
+    from janus_lab.sweeps.grid import cell_slug, grid_cells
+    from janus_lab.sweeps.masking import run_masking_ablation
+
+    uri = outage_stack.mlflow_tracking_uri
+    cfg = sweep_config(tmp_path, uri)
+    folders = {cell_slug(cell): tmp_path / "runs" / f"{cfg.name}-{cell_slug(cell)}" for cell in grid_cells(cfg.grid)}
+    node = RayWorkerNode(ray.get_runtime_context().gcs_address, num_cpus=3).start()
+    seen: dict = {}
+
+    def lose_the_node() -> None:
+        deadline = time.monotonic() + 400
+        finished: set = set()
+        while not finished and time.monotonic() < deadline:
+            finished = {slug for slug, run in child_runs(uri, cfg.tracking.experiment).items()
+                        if run.info.status == "FINISHED"}
+            time.sleep(0.5)
+        while time.monotonic() < deadline:
+            running = [slug for slug in folders if slug not in finished and registered_steps(folders[slug])]
+            if running:
+                node.kill()
+                # Wall clock once the node is dead: every point of the first attempt is older.
+                seen.update(finished=finished, lost=running[0], killed_ms=int(time.time() * 1000),
+                            checkpoint=registered_steps(folders[running[0]])[-1],
+                            dead_after_s=time.monotonic() - node.killed_at)
+                head_held()
+                return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=lose_the_node, daemon=True)
+    killer.start()
+    began = time.monotonic()
+    try:
+        outcome = run_masking_ablation(cfg)
+    finally:
+        node.kill()
+        killer.join(30)
+    took = time.monotonic() - began
+    assert seen.get("lost"), "the node was never killed mid-trial"
+    runs = child_runs(uri, cfg.tracking.experiment)
+    trials = {cell_slug({"masking.t2i_text_drop": t.config["masking.t2i_text_drop"]}): t
+              for t in ExperimentAnalysis(str(tmp_path / "tune" / cfg.name)).trials}
+    history = {slug: loss_points(uri, run.info.run_id) for slug, run in runs.items()}
+    lost = seen["lost"]
+    after = [m.step for m in history[lost] if m.timestamp >= seen["killed_ms"]]
+    before = [m.step for m in history[lost] if m.timestamp < seen["killed_ms"]]
+    print(f"\nnode lost: killed once {sorted(seen['finished'])} had finished and {lost} had checkpoint step "
+          f"{seen['checkpoint']}; marked dead {seen['dead_after_s']:.1f} s after the kill; sweep {took:.1f} s. "
+          f"Failures per trial: { {slug: t.num_failures for slug, t in trials.items()} }. "
+          f"{lost}: steps before the kill {before}, after {after}; "
+          f"finished: { {slug: [m.step for m in history[slug]] for slug in seen['finished']} }")
+    assert outcome.errors == 0 and len(runs) == 2
+    assert all(run.info.status == "FINISHED" for run in runs.values())
+    # The lost trial ran twice and went on from its checkpoint: no step lost, none before it redone.
+    assert trials[lost].num_failures == 1
+    assert sorted(set(before) | set(after)) == list(range(1, STEPS + 1))
+    assert before == list(range(1, len(before) + 1)) and len(before) >= seen["checkpoint"]
+    assert after == list(range(seen["checkpoint"] + 1, STEPS + 1))
+    assert registered_steps(folders[lost])[-1] == STEPS
+    # The finished trial was not run again: no failure, every step once, before the kill.
+    for slug in seen["finished"]:
+        assert trials[slug].num_failures == 0
+        assert [m.step for m in history[slug]] == list(range(1, STEPS + 1))
+        assert runs[slug].info.end_time < seen["killed_ms"]
+
+
+def mlflow_outages(stack, triggers: list, seconds: float, record: list):
+    """A thread that, for each trigger in turn, stops the MLflow server once it is true, keeps it
+    down `seconds`, and starts it again; appends (name, stopped, back) in wall-clock ms to `record`."""
+    import threading
+
+    def run() -> None:
+        for name, trigger in triggers:
+            deadline = time.monotonic() + 400
+            while time.monotonic() < deadline:
+                try:
+                    if trigger():
+                        break
+                except Exception:  # noqa: BLE001 - the server restarting: ask again
+                    pass
+                time.sleep(0.2)
+            else:
+                return
+            stopped = time.time()
+            stack.stop_service("mlflow", timeout_s=1.0)
+            time.sleep(max(0.0, seconds - (time.time() - stopped)))
+            stack.up()
+            record.append((name, int(stopped * 1000), int(time.time() * 1000)))
+
+    thread = threading.Thread(target=run, name="mlflow-outages", daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_sweep_rides_out_mlflow_outages_in_training_at_a_trial_start_and_at_its_summary(
+        fault_ray, outage_stack, tmp_path):
+    """The MLflow server stopped three times during a 2-cell sweep: once the first trial has
+    logged a step (training goes on, its metrics queued), once a trial has finished (the next
+    trial opens its child run, logs its params and starts meanwhile), and once both have (the
+    sweep writes its table, heatmap and best metric to the parent run). The sweep finishes
+    without an error and every trial's history has each step exactly once."""
+    from mlflow import MlflowClient
+    from ray.tune import ExperimentAnalysis
+
+    from janus_lab.sweeps.masking import run_masking_ablation
+
+    uri = outage_stack.mlflow_tracking_uri
+    cfg = sweep_config(tmp_path, uri)
+    experiment = cfg.tracking.experiment
+
+    def finished() -> int:
+        return sum(run.info.status == "FINISHED" for run in child_runs(uri, experiment).values())
+
+    triggers = [
+        ("training", lambda: any(loss_points(uri, run.info.run_id) for run in child_runs(uri, experiment).values())),
+        ("trial start", lambda: finished() == 1),
+        ("summary", lambda: finished() == 2),
+    ]
+    outages: list = []
+    thread = mlflow_outages(outage_stack, triggers, MLFLOW_OUTAGE_S, outages)
+    began = time.monotonic()
+    outcome = run_masking_ablation(cfg)
+    took = time.monotonic() - began
+    thread.join(MLFLOW_OUTAGE_S + 120)
+    client = MlflowClient(uri)
+    runs = child_runs(uri, experiment)
+    history = {slug: loss_points(uri, run.info.run_id) for slug, run in runs.items()}
+    parent = client.get_run(outcome.parent_run_id)
+    during = {name: sum(stop <= m.timestamp < back for points in history.values() for m in points)
+              for name, stop, back in outages}
+    print(f"\nMLflow outages in a sweep ({took:.1f} s): "
+          + "; ".join(f"{name}: down {(back - stop) / 1000:.1f} s, {during[name]} loss points logged meanwhile"
+                      for name, stop, back in outages)
+          + ". Child runs opened (s after the trial-start outage began): "
+          + f"{[(run.info.start_time - outages[1][1]) / 1000 for run in runs.values()] if len(outages) > 1 else '-'}; "
+          + f"parent ended {(parent.info.end_time - outages[-1][1]) / 1000:.1f} s after the summary outage began; "
+          + f"steps per trial: { {slug: [m.step for m in points] for slug, points in history.items()} }")
+    assert [name for name, _, _ in outages] == ["training", "trial start", "summary"]
+    assert outcome.errors == 0 and len(runs) == 2
+    assert all(run.info.status == "FINISHED" for run in runs.values()) and parent.info.status == "FINISHED"
+    assert during["training"] > 0  # training went on while the server was down
+    # No trial failed and was started again by Tune (run.max_failures would hide it).
+    trials = ExperimentAnalysis(str(tmp_path / "tune" / cfg.name)).trials
+    assert len(trials) == 2 and all(t.num_failures == 0 for t in trials)
+    # The second trial's child run and the parent's end each waited for the server to come back.
+    assert max(run.info.start_time for run in runs.values()) >= outages[1][2]
+    assert parent.info.end_time >= outages[2][2]
+    for points in history.values():
+        assert sorted(m.step for m in points) == list(range(1, STEPS + 1))  # none lost, none twice
+    assert {"results/results.csv", "results/results.md", "results/heatmap_val_nll.png"} <= {
+        a.path for a in client.list_artifacts(outcome.parent_run_id, "results")}
+    assert "best_val_nll" in parent.data.metrics
+
+
 # --------------------------------------------------------------------------- 5. disk full
 
 

@@ -86,25 +86,107 @@ def ensure_experiment(client, name: str) -> str:
     return experiment.experiment_id if experiment else client.create_experiment(name)
 
 
+TRACKING_WAIT_S = 600.0
+"""How long a call waits for an MLflow server that does not answer (a sweep trial starting, the
+sweep's summary), and how long a buffered logger's flush waits at the end of training."""
+
+
+def is_unanswered(error: BaseException) -> bool:
+    """Whether an MLflow client error means the server did not answer (refused, reset, timed
+    out, a proxy's 502-504), as opposed to an answer refusing the request."""
+    import requests
+
+    if isinstance(error, (ConnectionError, TimeoutError, requests.exceptions.ConnectionError,
+                          requests.exceptions.Timeout)):
+        return True
+    text = str(error)
+    return ("Max retries exceeded" in text or "Connection refused" in text or "Connection aborted" in text
+            or any(f"status code {code}" in text or f"error code {code}" in text for code in (502, 503, 504)))
+
+
+def call_tracking(tracking_uri: str, what: str, call: Callable[[], Any], wait_s: float = TRACKING_WAIT_S,
+                  max_delay_s: float = 10.0) -> Any:
+    """`call()`, tried again with backoff while the MLflow server does not answer, with a line per
+    try saying what waits: `MLflow unavailable at http://…: opening run … : retry 3 in 4 s (…)`.
+
+    MLflow's own client would retry a refused connection for about four minutes inside the call,
+    saying nothing (check_tracking_server); here its retries are off for the call and the wait is
+    ours, visible, and as long as a buffered logger's. A refusal that is an answer (a bad
+    request, a missing run) is raised at once.
+
+    Raises:
+        TrackingUnavailableError: the server still did not answer after `wait_s`.
+    """
+    import logging
+    import time
+
+    log = logging.getLogger(__name__)
+    give_up, delay, tries = time.monotonic() + wait_s, 1.0, 0
+    while True:
+        tries += 1
+        try:
+            with _client_retries_off():
+                return call()
+        except Exception as error:  # noqa: BLE001 - only an unanswered call is tried again
+            if not is_unanswered(error):
+                raise
+            reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+            if time.monotonic() + delay > give_up:
+                raise TrackingUnavailableError(
+                    f"the MLflow server {tracking_uri} did not answer {what} for {wait_s:.0f} s ({tries} tries; "
+                    f"last error: {reason}); check the server (MLFLOW_TRACKING_URI)") from error
+            log.warning("MLflow unavailable at %s: %s: retry %d in %.0f s (%s)", tracking_uri, what, tries, delay,
+                        reason)
+            time.sleep(delay)
+            delay = min(delay * 2, max_delay_s)
+
+
+def _client_retries_off():
+    """A context in which MLflow's client makes one try per request (it reads the variable per call)."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def scope():
+        saved = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
+        os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+        try:
+            yield
+        finally:
+            if saved is None:
+                os.environ.pop("MLFLOW_HTTP_REQUEST_MAX_RETRIES", None)
+            else:
+                os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = saved
+
+    return scope()
+
+
 def find_run(tracking_uri: str, experiment: str, tags: Mapping[str, str]):
     """The newest run of an experiment carrying all the given tag values, or None.
 
-    How a resumed sweep finds its parent run and each trial its own child run.
+    How a resumed sweep finds its parent run and each trial its own child run; waits out a
+    server that does not answer (`call_tracking`).
     """
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri)
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        return None
     query = " and ".join(f"tags.`{key}` = '{value}'" for key, value in tags.items())
-    runs = client.search_runs([found.experiment_id], filter_string=query, order_by=["attributes.start_time DESC"],
-                              max_results=1)
-    return runs[0] if runs else None
+
+    def search():
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            return None
+        runs = client.search_runs([found.experiment_id], filter_string=query,
+                                  order_by=["attributes.start_time DESC"], max_results=1)
+        return runs[0] if runs else None
+
+    return call_tracking(tracking_uri, f"looking up the run with {dict(tags)} in {experiment!r}", search)
 
 
 class RunLogger:
     """Logs to one MLflow run by id; inactive (every call a no-op) unless `active`.
+
+    Every call waits out a server that does not answer, saying so (`call_tracking`): a sweep's
+    driver and its trials open runs and log summaries while training goes on elsewhere.
 
     Args:
         tracking_uri: the MLflow server.
@@ -120,6 +202,11 @@ class RunLogger:
 
             self._client = MlflowClient(tracking_uri)
 
+    def _call(self, what: str, method: str, *args, **kwargs) -> Any:
+        """`self._client.<method>(*args, **kwargs)`, waiting out an unanswering server."""
+        return call_tracking(self.tracking_uri, f"{what} of run {self.run_id}",
+                             lambda: getattr(self._client, method)(*args, **kwargs))
+
     @classmethod
     def open_run(cls, tracking_uri: str, experiment: str, run_name: str, params: Mapping[str, Any],
                  tags: Mapping[str, str], parent_run_id: str | None = None) -> "RunLogger":
@@ -127,9 +214,9 @@ class RunLogger:
         from mlflow import MlflowClient
 
         client = MlflowClient(tracking_uri)
-        experiment_id = ensure_experiment(client, experiment)
         tags = dict(tags) | ({PARENT_RUN_TAG: parent_run_id} if parent_run_id else {})
-        run = client.create_run(experiment_id, run_name=run_name, tags=tags)
+        run = call_tracking(tracking_uri, f"opening run {run_name!r} in {experiment!r}", lambda: client.create_run(
+            ensure_experiment(client, experiment), run_name=run_name, tags=tags))
         logger = cls(tracking_uri, run.info.run_id)
         logger.log_params(params)
         return logger
@@ -138,7 +225,7 @@ class RunLogger:
     def reopen(cls, tracking_uri: str, run_id: str) -> "RunLogger":
         """Logs into an existing run again (a sweep trial restarted by `--resume`), marked running."""
         logger = cls(tracking_uri, run_id)
-        logger._client.update_run(run_id, status="RUNNING")
+        logger._call("marking running", "update_run", run_id, status="RUNNING")
         return logger
 
     def log_params(self, params: Mapping[str, Any]) -> None:
@@ -148,7 +235,7 @@ class RunLogger:
 
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
         for start in range(0, len(items), 100):
-            self._client.log_batch(self.run_id, params=items[start:start + 100])
+            self._call("logging params", "log_batch", self.run_id, params=items[start:start + 100])
 
     def log_new_params(self, params: Mapping[str, Any]) -> dict[str, tuple[str, str]]:
         """Logs the params the run does not have yet; MLflow keeps a param's first value.
@@ -159,7 +246,7 @@ class RunLogger:
         """
         if not self.active:
             return {}
-        logged = self._client.get_run(self.run_id).data.params
+        logged = self._call("reading params", "get_run", self.run_id).data.params
         new = {k: v for k, v in params.items() if k not in logged}
         self.log_params(new)
         return {k: (logged[k], str(v)[:6000]) for k, v in params.items()
@@ -173,21 +260,22 @@ class RunLogger:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self._client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+        self._call(f"logging metrics of step {step}", "log_batch", self.run_id,
+                   metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         if not self.active:
             return
         for key, value in tags.items():
-            self._client.set_tag(self.run_id, key, str(value))
+            self._call(f"setting tag {key}", "set_tag", self.run_id, key, str(value))
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         if self.active:
-            self._client.log_artifact(self.run_id, str(path), artifact_path)
+            self._call(f"uploading {Path(path).name}", "log_artifact", self.run_id, str(path), artifact_path)
 
     def log_text(self, text: str, artifact_file: str) -> None:
         if self.active:
-            self._client.log_text(self.run_id, text, artifact_file)
+            self._call(f"writing {artifact_file}", "log_text", self.run_id, text, artifact_file)
 
     def log_image(self, image, artifact_file: str) -> None:
         """Logs a PIL image as a PNG artifact."""
@@ -197,18 +285,20 @@ class RunLogger:
             path = Path(tmp) / Path(artifact_file).name
             image.save(path)
             parent = str(Path(artifact_file).parent)
-            self._client.log_artifact(self.run_id, str(path), None if parent == "." else parent)
+            self._call(f"uploading {artifact_file}", "log_artifact", self.run_id, str(path),
+                       None if parent == "." else parent)
 
     def end(self, status: str = "FINISHED") -> None:
         if self.active:
-            self._client.set_terminated(self.run_id, status)
+            self._call(f"ending ({status})", "set_terminated", self.run_id, status)
 
     def run_url(self) -> str:
         """A link to the run in the MLflow UI (or the run id for a file store)."""
         if self.tracking_uri.startswith("http"):
             from mlflow import MlflowClient
 
-            experiment_id = MlflowClient(self.tracking_uri).get_run(self.run_id).info.experiment_id
+            experiment_id = call_tracking(self.tracking_uri, f"reading run {self.run_id}", lambda: MlflowClient(
+                self.tracking_uri).get_run(self.run_id).info.experiment_id)
             return f"{self.tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{self.run_id}"
         return f"{self.tracking_uri} run {self.run_id}"
 
@@ -285,7 +375,7 @@ class BufferedRunLogger(RunLogger):
         with self._wake:
             return len(self._queue)
 
-    def flush(self, timeout_s: float = 600.0) -> None:
+    def flush(self, timeout_s: float = TRACKING_WAIT_S) -> None:
         """Waits until the server has everything logged so far.
 
         Raises:

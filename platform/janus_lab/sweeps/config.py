@@ -43,10 +43,12 @@ class SweepRunConfig:
     """GPUs reserved for each trial's own process (a CFG sweep on GPUs: 1)."""
     storage_path: str = "outputs/sweeps"
     """Local folder or `s3://` prefix for Tune's experiment state; `--resume` continues from it."""
+    max_failures: int = 2
+    """Times Tune starts a failed trial again (its node lost, a worker killed); it resumes from its last checkpoint."""
 
     def __post_init__(self) -> None:
         check_positive(self, "max_concurrent_trials", "trial_cpus")
-        check_non_negative(self, "trial_gpus")
+        check_non_negative(self, "trial_gpus", "max_failures")
         check_not_empty(self, "storage_path")
 
 

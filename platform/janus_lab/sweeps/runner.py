@@ -10,6 +10,9 @@
   per trial (tags `mlflow.parentRunId` and `sweep_cell`). A trial that a resumed sweep starts
   again logs into its child run; one whose child run already FINISHED reports that run's
   metrics and does no work, whatever Tune's last saved state says.
+- A failed trial (its node lost, a train worker killed) is started again by Tune up to
+  `run.max_failures` times; its Ray Train run continues from its latest checkpoint and logs into
+  the same child run, so only the steps after that checkpoint are trained again.
 - Resume is Tune's: `Tuner.restore` keeps finished trials and reruns unfinished and errored ones.
 - At the end the parent gets the results table (CSV, Markdown) and heatmaps.
 """
@@ -157,7 +160,7 @@ def run_sweep(spec: SweepSpec, make_trainable: Callable[[str], Any], resources: 
             param_space={key: tune.grid_search(values) for key, values in spec.grid.items()},
             tune_config=tune.TuneConfig(max_concurrent_trials=concurrency, trial_dirname_creator=_trial_dirname),
             run_config=tune.RunConfig(name=spec.name, storage_path=storage, storage_filesystem=fs,
-                                      failure_config=tune.FailureConfig(max_failures=0), verbose=1),
+                                      failure_config=tune.FailureConfig(max_failures=spec.run.max_failures), verbose=1),
         )
     results = tuner.fit()
     trials, errors = _table(spec, cells, results)

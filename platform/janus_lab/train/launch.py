@@ -169,7 +169,10 @@ def run_finetune(cfg: ExperimentConfig, run: "RunLogger | None" = None, callback
     export_uri = f"{run_dir}/export"
 
     tracking_uri = resolve_tracking_uri(cfg.tracking.tracking_uri)
-    check_tracking_server(tracking_uri, error=PreflightError)
+    if run is None:
+        # A sweep checked the server before its first trial; a trial starting while the server is
+        # away waits for it through its run's logger instead of failing (docs/reliability.md).
+        check_tracking_server(tracking_uri, error=PreflightError)
     tags = {GIT_COMMIT_TAG: git_commit(), "dataset_uri": cfg.data.uri,
             "dataset_fingerprint": str(manifest.model.get("fingerprint", "unknown")),
             "ray_train_run": cfg.name, RUN_DIR_TAG: run_dir}
