@@ -29,6 +29,10 @@ MLFLOW_OUTAGE_S = float(os.environ.get("JANUS_FAULT_MLFLOW_OUTAGE_S", "10"))
 class S3Outage:
     """Stops `stack`'s SeaweedFS once `trigger()` is true, for `seconds`, then starts it again.
 
+    With `until`, S3 stays down past `seconds` until `until()` is true (a job has failed), for
+    at most `deadline_s` more: an outage as long as the job's retry budget, whatever that turns
+    out to be in wall time, not one the test guessed.
+
     Attributes set as it runs: `stopped_at`, `restarted_at` (time.monotonic()), `error` (what went
     wrong in the thread, re-raised by `join`).
     """
@@ -36,6 +40,7 @@ class S3Outage:
     stack: LocalStack
     seconds: float = OUTAGE_S
     trigger: Callable[[], bool] = lambda: True
+    until: Callable[[], bool] | None = None
     deadline_s: float = 180.0
     stopped_at: float | None = None
     restarted_at: float | None = None
@@ -70,6 +75,9 @@ class S3Outage:
             # SIGKILL after 1 s: a crash rather than a drain, the harder case for the data.
             self.stack.stop_service("seaweedfs", timeout_s=1.0)
             time.sleep(max(0.0, self.seconds - (time.monotonic() - self.stopped_at)))
+            give_up = time.monotonic() + self.deadline_s
+            while self.until is not None and not self.until() and time.monotonic() < give_up:
+                time.sleep(0.1)
             self.stack.up()  # same ports, same data folder; returns once the bucket answers
             self.restarted_at = time.monotonic()
         except BaseException as error:  # noqa: BLE001 - handed to the test by join()

@@ -252,6 +252,114 @@ def test_a_fit_rides_out_an_s3_outage_while_uploading_a_checkpoint(fault_ray, ou
     assert torch.load(tmp_path / "last.pt", weights_only=False)["train"]["progress"]["step"] == 6
 
 
+def s3_registered_steps(run_dir: str, retry: S3RetryConfig | None = None) -> list[int]:
+    """`registered_steps` of a run folder in S3, [] before any; with `retry`, read through a
+    server that is still starting (it answers `InternalError` for a second or two after `up()`),
+    without, [] while S3 does not answer (a trigger's poll)."""
+    import json
+
+    from janus_lab.retry import with_s3_retries
+    from janus_lab.train.launch import CHECKPOINT_SNAPSHOT
+
+    fs, root = pyarrow_filesystem(f"{run_dir}/{CHECKPOINT_SNAPSHOT}")
+
+    def read() -> dict:
+        with fs.open_input_stream(root) as stream:
+            return json.loads(stream.read().decode())
+
+    try:
+        snapshot = with_s3_retries(read, "reading", f"{run_dir}/{CHECKPOINT_SNAPSHOT}", retry) if retry else read()
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError):
+        if retry:
+            raise
+        return []
+    return [entry["metrics"]["step"] for entry in snapshot.get("checkpoint_results", [])]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_fit_through_an_s3_outage_longer_than_its_budget_fails_naming_s3_and_a_rerun_resumes(
+        fault_ray, outage_stack, tmp_path):
+    """SeaweedFS stopped once the first checkpoint of an 8-step fit is registered, and kept down
+    until the fit has failed (a retry budget of two tries): the error names S3; submitted again
+    with the same name once S3 is back, the fit goes on from its last registered checkpoint, in
+    the same MLflow run, to its last step and its export."""
+    import threading
+
+    from mlflow import MlflowClient
+    from ray.train import TrainingFailedError
+
+    from janus_lab.storage import upload_folder
+    from janus_lab.train.config import ExperimentConfig
+    from janus_lab.train.launch import run_finetune
+    from synthetic_shards import write_synthetic_dataset
+
+    steps = 8
+    base = f"s3://{outage_stack.bucket}/faults/budget-{uuid.uuid4().hex[:8]}"
+    upload_folder(write_synthetic_dataset(tmp_path / "shards"), f"{base}/dataset")
+    cfg = load_config(ExperimentConfig, REPO / "jobs" / "configs" / "debug.yaml", [
+        "name=fit-budget", f"data.uri={base}/dataset", f"train.storage_path={base}/runs", f"train.max_steps={steps}",
+        "train.num_workers=1", "train.global_batch_size=2", "train.report_every=1", "train.checkpoint_every=3",
+        "train.eval_every=0", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        "retry.attempts=2", "retry.first_delay_s=0.5", "retry.max_delay_s=0.5"])
+    run_dir = f"{base}/runs/fit-budget"
+    failed_at = threading.Event()
+    outage = S3Outage(outage_stack, seconds=0, trigger=lambda: bool(s3_registered_steps(run_dir)),
+                      until=failed_at.is_set, deadline_s=300).start()
+    began = time.monotonic()
+    with pytest.raises(Exception) as failed:
+        try:
+            run_finetune(cfg)
+        finally:
+            failed_at.set()
+    fit_failed = time.monotonic()
+    outage.join()
+    message = str(failed.value)
+    patient = S3RetryConfig(attempts=14, first_delay_s=1, max_delay_s=4)
+    kept = s3_registered_steps(run_dir, patient)
+    folders_after_failure = sorted({n.split("/")[0] for n in object_names(run_dir) if n.startswith("checkpoint_0")})
+    rerun_ms = int(time.time() * 1000)
+    rerun_began = time.monotonic()
+    result = run_finetune(cfg)
+    rerun_took = time.monotonic() - rerun_began
+    client = MlflowClient(cfg.tracking.tracking_uri)
+    history = sorted(client.get_metric_history(result.mlflow_run_id, "loss"), key=lambda m: (m.timestamp, m.step))
+    first = [m.step for m in history if m.timestamp < rerun_ms]
+    second = [m.step for m in history if m.timestamp >= rerun_ms]
+    tags = client.get_run(result.mlflow_run_id).data.tags
+    names = object_names(run_dir)
+    folders = sorted({n.split("/")[0] for n in names if n.startswith("checkpoint_0")})
+    ray_message = str(failed.value.__cause__)
+    print(f"\nfit past its budget: S3 stopped {outage.stopped_at - began:.1f} s into the fit, once checkpoint(s) "
+          f"{kept} were registered; the fit failed {fit_failed - outage.stopped_at:.1f} s after the stop with "
+          f"{type(failed.value).__name__}: {message[:400]} (Ray Train's own message, its cause, ends: "
+          f"{ray_message[-160:]!r}), S3 back {outage.down_s:.1f} s after the stop. Checkpoint folders after the failure: "
+          f"{folders_after_failure}. Rerun: {rerun_took:.1f} s, logged steps {second} (the failed attempt {first}), "
+          f"resume_count {tags.get('resume_count')}, checkpoint folders {folders}, "
+          f"export objects {sorted(n[len('export/'):] for n in names if n.startswith('export/'))}")
+    # The fit failed during the outage, past its budget, saying S3 did not answer and where.
+    assert outage.stopped_at < fit_failed < outage.restarted_at
+    assert isinstance(failed.value, S3UnavailableError) and isinstance(failed.value.__cause__, TrainingFailedError)
+    assert message.startswith("fine-tuning fit-budget failed: S3 unavailable ") and f"{base}/" in message
+    assert "gave up after 2 tries" in message and "retry.attempts" in message
+    assert kept and kept[-1] < steps
+    assert folders_after_failure == [f"checkpoint_{s:07d}" for s in kept]  # no unregistered folder left
+    # The rerun went on from the last registered checkpoint, in the same MLflow run, to the end.
+    registered = s3_registered_steps(run_dir, patient)
+    assert result.metrics["step"] == steps and registered[-1] == steps
+    runs = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])
+    assert [run.info.run_id for run in runs] == [result.mlflow_run_id] and tags.get("resume_count") == "1"
+    assert second == list(range(kept[-1] + 1, steps + 1))  # from the checkpoint on, once each
+    # The failed attempt logged every step up to the checkpoint (and maybe some past it, trained
+    # again by the rerun); together: every step, and none twice up to the checkpoint.
+    assert first == list(range(1, len(first) + 1)) and len(first) >= kept[-1]
+    assert sorted(set(first) | set(second)) == list(range(1, steps + 1))
+    assert folders == [f"checkpoint_{s:07d}" for s in registered]
+    assert any(n.startswith("export/") for n in names)
+
+
 # --------------------------------------------------------------------------- 2. MLflow unavailable
 
 

@@ -12,6 +12,7 @@ from janus_lab.config import flatten, to_dict
 from janus_lab.data.schema import DatasetManifest
 from janus_lab.data.stream import DatasetLayout, scan_layout, steps_per_epoch
 from janus_lab.patches import num_image_tokens
+from janus_lab.retry import S3UnavailableError
 from janus_lab.storage import is_s3_uri
 from janus_lab.train.config import ExperimentConfig
 from janus_lab.train.loop import LoopPlan, train_loop_per_worker
@@ -154,6 +155,10 @@ def run_finetune(cfg: ExperimentConfig, run: "RunLogger | None" = None, callback
         cfg: the experiment.
         run: an MLflow run to log into instead of opening one (a sweep trial's child run).
         callbacks: Ray Train callbacks (a sweep trial passes Tune's `TuneReportCallback`).
+
+    Raises:
+        S3UnavailableError: a worker gave up on S3 (its message whole, Ray Train's error as the
+            cause); resubmitting once S3 is back resumes from the last registered checkpoint.
     """
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -225,14 +230,33 @@ def run_finetune(cfg: ExperimentConfig, run: "RunLogger | None" = None, callback
           f"MLflow run {logger.run_url()}", flush=True)
     try:
         result = trainer.fit()
-    except Exception:
+    except Exception as error:
         logger.end("FAILED")
         drop_unregistered_checkpoints(f"{storage_path.rstrip('/')}/{cfg.name}", storage_fs)
+        unavailable = worker_s3_failure(error)
+        if unavailable is not None:
+            raise S3UnavailableError(f"fine-tuning {cfg.name} failed: {unavailable}") from error
         raise
     logger.end("FINISHED")
     checkpoint = result.checkpoint.path if result.checkpoint else None
     return FinetuneResult(run_name=cfg.name, checkpoint_path=checkpoint, export_uri=export_uri,
                           mlflow_run_id=logger.run_id, mlflow_url=logger.run_url(), metrics=result.metrics)
+
+
+def worker_s3_failure(error: BaseException) -> S3UnavailableError | None:
+    """The `S3UnavailableError` a Ray Train worker failed with, if any.
+
+    Ray Train's message for a worker's failure keeps the first and last 500 characters of its
+    traceback: an S3 error's head ("S3 unavailable uploading checkpoint s3://…") falls in the
+    cut (docs/reliability.md). The worker's exception itself comes back whole in
+    `worker_failures`, so the driver can raise it in full.
+    """
+    for failure in getattr(error, "worker_failures", {}).values():
+        while failure is not None:
+            if isinstance(failure, S3UnavailableError):
+                return failure
+            failure = failure.__cause__
+    return None
 
 
 CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"
