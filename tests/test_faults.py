@@ -3,7 +3,8 @@ nothing silent.
 
 - S3 down: the SeaweedFS process of a stack of this module's own is stopped (SIGTERM, SIGKILL
   after 1 s) and started again on the same ports and data folder (`faults.S3Outage`), while an
-  ingest writes shards, while training reads row groups, while a model downloads.
+  ingest writes shards, while training reads row groups, while a model downloads; and during a
+  fit, until it fails past its retry budget, then the fit submitted again resumes.
 - Disk full: the checkpoint path is a small tmpfs; the second checkpoint does not fit.
 - A Serve replica killed under load with `ray.kill`.
 
