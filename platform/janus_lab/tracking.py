@@ -6,6 +6,7 @@ inside training only rank 0 logs. Every call is a no-op on other ranks.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import tempfile
@@ -141,23 +142,18 @@ def call_tracking(tracking_uri: str, what: str, call: Callable[[], Any], wait_s:
             delay = min(delay * 2, max_delay_s)
 
 
+@contextlib.contextmanager
 def _client_retries_off():
     """A context in which MLflow's client makes one try per request (it reads the variable per call)."""
-    import contextlib
-
-    @contextlib.contextmanager
-    def scope():
-        saved = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
-        os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
-        try:
-            yield
-        finally:
-            if saved is None:
-                os.environ.pop("MLFLOW_HTTP_REQUEST_MAX_RETRIES", None)
-            else:
-                os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = saved
-
-    return scope()
+    saved = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("MLFLOW_HTTP_REQUEST_MAX_RETRIES", None)
+        else:
+            os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = saved
 
 
 def find_run(tracking_uri: str, experiment: str, tags: Mapping[str, str]):
