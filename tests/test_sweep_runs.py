@@ -114,6 +114,8 @@ def test_masking_ablation_killed_after_a_trial_resumes_and_runs_every_cell_once(
         assert child.info.status == "FINISHED"
         assert {"val_nll", "loss", "val_t2i_nll"} <= set(child.data.metrics), child.data.metrics
         assert child.data.params["train.max_steps"] == "4"
+        # train.eval_at_start is off in the debug sweep: validated at the last step only.
+        assert [m.step for m in client.get_metric_history(child.info.run_id, "val_nll")] == [4]
     kept = client.get_run(finished_before.info.run_id)
     assert kept.info.end_time == finished_before.info.end_time  # not trained again
     assert [m.step for m in client.get_metric_history(kept.info.run_id, "loss")] == loss_steps_before == [2, 4]

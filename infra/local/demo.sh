@@ -44,7 +44,7 @@ echo "== 5/8 generate with models:/janus-4o@champion"
 echo "== 6/8 2 x 2 masking ablation x 2 seeds: ray job submit sweeps/masking_ablation.py (table: mean ± sd)"
 "$RAY" job submit --working-dir . -- python sweeps/masking_ablation.py --config sweeps/configs/masking_mini.yaml \
     "name=masking-${RUN}" "overrides.data.uri=${DATASET}" "overrides.train.storage_path=s3://${JANUS_BUCKET}/sweeps/runs" \
-    "overrides.train.max_steps=${DEMO_SWEEP_STEPS:-150}" "run.storage_path=s3://${JANUS_BUCKET}/sweeps"
+    "overrides.train.max_steps=${DEMO_SWEEP_STEPS:-100}" "run.storage_path=s3://${JANUS_BUCKET}/sweeps"
 
 echo "== 7/8 CFG sweep on the champion, scored by the world's scorer (w = 1 is no guidance)"
 "$PY" sweeps/cfg_sweep.py --config sweeps/configs/cfg_mini.yaml "name=cfg-${RUN}" "model=models:/janus-4o@champion" \

@@ -172,6 +172,9 @@ class TrainConfig:
     """Local folder or `s3://` prefix where Ray Train writes checkpoints and results."""
     eval_every: int = 0
     """Optimizer steps between validations (held-out NLL/accuracy per task); 0 = at the end only."""
+    eval_at_start: bool = True
+    """Validate the starting model before the first step too (step 0 of every curve). Sweeps whose
+    trials all start from the same base turn it off: each trial would measure the same model."""
     world_eval_samples: int = 0
     """Miniature world only: images per held-out record generated and read by the world's exact
     scorer at each validation, logged as `world_t2i`, `world_edit`, ..., `world_mean`; 0 = off."""

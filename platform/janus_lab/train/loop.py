@@ -215,7 +215,7 @@ def train_loop_per_worker(plan_dict: dict) -> None:
                 logger.log_image(grid, f"samples/step_{step:07d}.png")
         return metrics
 
-    if state.progress.step == 0 and plan.val_rows:
+    if state.progress.step == 0 and plan.val_rows and cfg.train.eval_at_start:
         initial = evaluate(0)
         if logger and initial:
             logger.log_metrics(initial, 0)
