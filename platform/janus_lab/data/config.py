@@ -89,9 +89,11 @@ class IngestRayConfig:
     num_encoder_actors: int = 1
     """VQ-encoder actors, each holding the model once (one GPU each when the cluster has GPUs)."""
     batch_size: int = 32
-    """Records per VQ-encoder call."""
+    """Records per VQ-encoder call, at most (the image-reading tasks cut their tables at it)."""
     records_per_task: int = 64
-    """Records per image-reading task (a `.tar.gz` part is always read by one task)."""
+    """Records per image-reading task (a `.tar.gz` part is always read by one task). On a CPU
+    cluster a task runs inside one encoder actor, so tasks must be several per actor to keep
+    every actor busy."""
 
     def __post_init__(self) -> None:
         check_positive(self, "num_encoder_actors", "batch_size", "records_per_task")

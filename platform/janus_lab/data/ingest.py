@@ -666,13 +666,15 @@ def _encode_and_write(cfg: IngestConfig, source_uri: str, staging_uri: str, acce
     work = [{"records": json.dumps([_work_record(r, cfg.source.format, splits[r.record.id]) for r in item])}
             for item in items]
     # On a CPU cluster Ray Data fuses the read tasks into the encoder actors (same resources);
-    # with GPUs the reads stay CPU tasks feeding the GPU actors.
+    # with GPUs the reads stay CPU tasks feeding the GPU actors. The encoder takes the read
+    # tasks' tables as they come (`batch_size` records each): a row count there would make Ray
+    # Data bundle that many *work items* into one task, all on one actor, the others idle.
     encoder_resources = {"num_gpus": 1} if _has_gpus() else {"num_cpus": 1}
     ds = (ray.data.from_items(work, override_num_blocks=len(work))
           .map_batches(prepare_records, batch_size=1, batch_format="pyarrow",
                        fn_kwargs={"source_uri": source_uri, "max_pixels": cfg.limits.max_image_pixels,
-                                  "side": cfg.model.image_size})
-          .map_batches(VQEncoder, batch_size=cfg.ray.batch_size, batch_format="pyarrow",
+                                  "side": cfg.model.image_size, "chunk_rows": cfg.ray.batch_size})
+          .map_batches(VQEncoder, batch_size=None, batch_format="pyarrow",
                        compute=ray.data.ActorPoolStrategy(size=cfg.ray.num_encoder_actors), **encoder_resources,
                        fn_constructor_kwargs={"model": dataclasses.asdict(cfg.model), "init_seed": cfg.init_seed,
                                               "max_text_tokens": cfg.limits.max_text_tokens})
