@@ -21,12 +21,11 @@ Both runs must produce the same rows and codes: the script compares them and fai
 from __future__ import annotations
 
 import argparse
-import logging
 import tempfile
 import time
 from pathlib import Path
 
-RAY_CPUS = 4  # the local stack's logical CPUs (docs/platform-notes.md, "Ray")
+from data_stream import RAY_CPUS, log, start_ray
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -39,10 +38,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.records < 300:
         parser.error("--records must be at least 300 (256 of them are held out for validation)")
     return args
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
 def ingest(source: Path, out: Path, actors: int, records_per_task: int | None):
@@ -83,11 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         t2i = args.records // 3
         write_world_dataset(work / "source", training_records(args.seed, t2i, args.records - t2i), "sharegpt4o")
         log(f"wrote {args.records} miniature records ({t2i} text-to-image) to {work / 'source'}")
-        ray.init(address="local", num_cpus=RAY_CPUS, include_dashboard=False)
-        import ray.data
-
-        ray.data.DataContext.get_current().enable_progress_bars = False
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        start_ray()
         timings, contents = {}, {}
         for label, actors in (("baseline: 1 encoder actor", 1), ("ours: 2 encoder actors", 2)):
             out = work / f"shards-{actors}"
